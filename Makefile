@@ -1,0 +1,34 @@
+# fedbrain: `make demo` sets up .venv and runs the main job; `make test` sets up .venv and runs
+# the test suite with the linters. Both need only python3.11 on the PATH.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+
+.PHONY: demo test lint typecheck setup clean
+
+$(BIN)/fedbrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the small CPU build of PyTorch first; the project's torch range admits it
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/fedbrain
+
+demo: setup
+	$(BIN)/fedbrain demo --out $(OUT)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: setup lint typecheck
+	$(BIN)/pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
