@@ -1,9 +1,153 @@
-"""Placeholder: filled in by its owner."""
+"""Signing commands: ``fedbrain keys generate``, ``bundle build``, ``verify``, ``demo``.
+
+Failures exit with status 1 and one line on stderr saying why (no traceback).
+"""
 
 from __future__ import annotations
 
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from manifests.keys import KeyVerificationError, SigningKey, format_timestamp, parse_timestamp
+from manifests.verify import BundleVerificationError, VerifiedBundle
+
+keys_app = typer.Typer(help="Ed25519 signing keys and the trusted-keys file.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Signed artifact bundles.", no_args_is_help=True)
+
+_FAILURES = (ValueError, OSError, KeyVerificationError, BundleVerificationError)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the key files.")],
+    valid_days: Annotated[int, typer.Option(min=1, help="Validity window length in days.")] = 365,
+    not_before: Annotated[
+        str | None, typer.Option(help="Window start, e.g. 2025-01-31T00:00:00Z (default: now).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite existing key files.")] = False,
+) -> None:
+    """Write signing_key.pem (0600), signing_key.pub.pem and trusted_keys.json."""
+    from manifests.demo import write_keys
+
+    try:
+        start = parse_timestamp(not_before) if not_before else _now()
+        if (out / "signing_key.pem").exists() and not force:
+            raise ValueError(f"{out / 'signing_key.pem'} exists; pass --force to replace it")
+        key = SigningKey.generate()
+        private, public, trusted = write_keys(
+            out, key, not_before=start, not_after=start + timedelta(days=valid_days)
+        )
+    except _FAILURES as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"key id       {key.keyid}")
+    typer.echo(f"private key  {private}")
+    typer.echo(f"public key   {public}")
+    typer.echo(f"trusted keys {trusted} (valid {format_timestamp(start)} + {valid_days} days)")
+
+
+@bundle_app.command("build")
+def bundle_build(
+    job: Annotated[Path, typer.Option("--job", help="Job file (.toml or .json).")],
+    weights: Annotated[Path, typer.Option("--weights", help="Weights (.safetensors).")],
+    provenance: Annotated[Path, typer.Option("--provenance", help="Provenance JSON file.")],
+    key: Annotated[Path, typer.Option("--key", help="PEM PKCS#8 Ed25519 private key.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle to write (.zip).")],
+) -> None:
+    """Build and sign a reproducible bundle; also writes artifact_manifest.json beside it."""
+    from manifests.bundle import build_bundle
+    from manifests.jobspec import load_job
+    from manifests.manifest import Provenance
+
+    try:
+        built = build_bundle(
+            load_job(job),
+            weights,
+            Provenance.load(provenance),
+            SigningKey.from_pem(key.read_bytes()),
+            out,
+            environ=os.environ,
+        )
+    except _FAILURES as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"bundle   {built.path}")
+    typer.echo(f"manifest {built.manifest_path}")
+    typer.echo(f"artifact {built.manifest.artifact_name} signed by {built.keyid}")
+
+
+def _summary(result: VerifiedBundle) -> Table:
+    manifest = result.manifest
+    table = Table(title=f"verified: {result.path}", show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_row("artifact", result.artifact_name)
+    table.add_row("precision", f"{manifest.precision} (quantized: {manifest.quantized})")
+    table.add_row("created_at", format_timestamp(manifest.created_at))
+    table.add_row("privacy_level", manifest.privacy_level)
+    table.add_row("signed by", result.keyid)
+    for subject in result.subjects:
+        table.add_row(subject.name, f"sha256:{subject.sha256}")
+    return table
+
+
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="The bundle (.zip) to verify.")],
+    trusted_keys: Annotated[Path, typer.Option("--trusted-keys", help="Pinned trusted keys.")],
+) -> None:
+    """Verify a bundle offline; exit 0 and print a summary, or exit 1 with the reason."""
+    from manifests.keys import TrustedKeys
+    from manifests.verify import verify_bundle
+
+    try:
+        result = verify_bundle(bundle, TrustedKeys.load(trusted_keys), now=_now())
+    except BundleVerificationError as exc:
+        raise _fail(f"verification failed: {exc}") from None
+    except _FAILURES as exc:
+        raise _fail(str(exc)) from None
+    Console(soft_wrap=True).print(_summary(result))
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path(
+        "runs/demo"
+    ),
+) -> None:
+    """Build and verify the specification's two example artifacts (vision fp16, LM int8)."""
+    from manifests.demo import run_demo
+
+    try:
+        result = run_demo(out, now=_now())
+    except _FAILURES as exc:
+        raise _fail(str(exc)) from None
+    console = Console(soft_wrap=True)
+    for artifact in result.artifacts:
+        console.print(_summary(artifact.verified))
+        console.print(f"  job {artifact.job_path}  weights {artifact.weights_path}")
+        console.print(f"  manifest {artifact.manifest_path}  provenance {artifact.provenance_path}")
+    console.print(f"signing key {result.signing_key_path}; trusted keys {result.trusted_keys_path}")
+    console.print(
+        "verify again with: fedbrain verify "
+        f"{result.artifacts[0].bundle_path} --trusted-keys {result.trusted_keys_path}"
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Attach this module's commands to the root ``fedbrain`` app."""
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(bundle_app, name="bundle")
+    app.command("verify")(verify)
+    app.command("demo")(demo)

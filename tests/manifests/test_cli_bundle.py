@@ -1,0 +1,164 @@
+"""The keys / bundle / verify / demo commands, through the root ``fedbrain`` app."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from manifests.bundle import MANIFEST_MEMBER, WEIGHTS_MEMBER
+from server.cli import app
+from tests.manifests.test_bundle import canonical_zip, read_members, write_weights
+from tests.manifests.test_manifest import provenance_data
+
+runner = CliRunner()
+
+VISION_JOB = """\
+component = "vision"
+base_model = "vit-base16"
+task = "embed"
+embedding_dim = 768
+precision = "fp16"
+batch_size = 256
+epochs = 10
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bundle built with freshly generated keys: (bundle, trusted_keys.json)."""
+    folder = tmp_path_factory.mktemp("cli")
+    result = runner.invoke(
+        app,
+        [
+            "keys",
+            "generate",
+            "--out",
+            str(folder / "keys"),
+            "--not-before",
+            "2025-01-01T00:00:00Z",
+            "--valid-days",
+            "3650",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (folder / "job.toml").write_text(VISION_JOB)
+    (folder / "provenance.json").write_text(json.dumps(provenance_data()))
+    write_weights(folder / "w.safetensors")
+    out = folder / "out" / "bundle.zip"
+    out.parent.mkdir()
+    result = runner.invoke(
+        app,
+        [
+            "bundle", "build", "--job", str(folder / "job.toml"),
+            "--weights", str(folder / "w.safetensors"),
+            "--provenance", str(folder / "provenance.json"),
+            "--key", str(folder / "keys" / "signing_key.pem"), "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out, folder / "keys" / "trusted_keys.json"
+
+
+def test_keys_generate_writes_a_private_key_only_the_owner_can_read(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["keys", "generate", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    mode = stat.S_IMODE((tmp_path / "signing_key.pem").stat().st_mode)
+    assert mode == 0o600
+    trusted = json.loads((tmp_path / "trusted_keys.json").read_text())
+    assert trusted[0]["keyid"] in result.output
+    again = runner.invoke(app, ["keys", "generate", "--out", str(tmp_path)])
+    assert again.exit_code == 1
+    assert "--force" in again.stderr
+
+
+def test_bundle_build_writes_the_manifest_beside_the_bundle(built: tuple[Path, Path]) -> None:
+    bundle, _ = built
+    assert (bundle.parent / MANIFEST_MEMBER).read_bytes() == read_members(bundle)[MANIFEST_MEMBER]
+
+
+def test_verify_exits_zero_and_prints_a_summary(built: tuple[Path, Path]) -> None:
+    bundle, trusted = built
+    result = runner.invoke(app, ["verify", str(bundle), "--trusted-keys", str(trusted)])
+    assert result.exit_code == 0, result.output
+    assert "vision-vit-base16-embed-v1" in result.stdout
+    assert "model.safetensors" in result.stdout
+
+
+def test_bundle_build_rejects_pickled_weights_with_a_message(
+    tmp_path: Path, built: tuple[Path, Path]
+) -> None:
+    keys = built[1].parent
+    (tmp_path / "job.toml").write_text(VISION_JOB)
+    (tmp_path / "provenance.json").write_text(json.dumps(provenance_data()))
+    (tmp_path / "w.pt").write_bytes(b"\x80\x04K\x01.")
+    result = runner.invoke(
+        app,
+        [
+            "bundle", "build", "--job", str(tmp_path / "job.toml"),
+            "--weights", str(tmp_path / "w.pt"),
+            "--provenance", str(tmp_path / "provenance.json"),
+            "--key", str(keys / "signing_key.pem"), "--out", str(tmp_path / "b.zip"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "only safetensors is accepted" in result.stderr
+    assert not (tmp_path / "b.zip").exists()
+
+
+def _tampered(bundle: Path) -> dict[str, bytes]:
+    members = read_members(bundle)
+    weights = bytearray(members[WEIGHTS_MEMBER])
+    weights[-1] ^= 1
+    flipped = bundle.read_bytes()
+    return {
+        "weights": canonical_zip({**members, WEIGHTS_MEMBER: bytes(weights)}),
+        "extra": canonical_zip({**members, "extra.bin": b"x"}),
+        "raw-flip": flipped[:100] + bytes([flipped[100] ^ 0xFF]) + flipped[101:],
+        "truncated": flipped[:-30],
+        "not-a-zip": b"hello",
+    }
+
+
+@pytest.mark.parametrize("case", ["weights", "extra", "raw-flip", "truncated", "not-a-zip"])
+def test_verify_rejects_with_exit_one_a_reason_and_no_extracted_files(
+    tmp_path: Path, built: tuple[Path, Path], case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, trusted = built
+    candidate = tmp_path / "candidate.zip"
+    candidate.write_bytes(_tampered(bundle)[case])
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = runner.invoke(app, ["verify", str(candidate), "--trusted-keys", str(trusted)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: verification failed: ")
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_verify_with_an_unknown_key_file_fails_cleanly(
+    built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = runner.invoke(
+        app, ["verify", str(built[0]), "--trusted-keys", str(tmp_path / "no.json")]
+    )
+    assert result.exit_code == 1
+    assert "No such file" in result.stderr
+
+
+def test_demo_builds_and_verifies_both_specification_examples(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "vision" / "vision-vit-base16-embed-v1.zip").is_file()
+    assert (tmp_path / "lm" / "gpt-small-v1-lm-finetune-int8-v1.zip").is_file()
+    lm = json.loads((tmp_path / "lm" / MANIFEST_MEMBER).read_text())
+    assert (lm["precision"], lm["quantized"], lm["input_spec"]) == (
+        "int8",
+        True,
+        {"max_seq_length": 1024},
+    )
+    vision = json.loads((tmp_path / "vision" / MANIFEST_MEMBER).read_text())
+    assert (vision["precision"], vision["embedding_dim"]) == ("fp16", 768)
