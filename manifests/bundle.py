@@ -1,10 +1,16 @@
 """The signed artifact bundle: a reproducible ZIP of weights, manifest and DSSE envelope.
 
 Canonical ZIP form (written by :func:`write_canonical_zip`, demanded byte for byte by the
-verifier): members sorted by name; each a local header with version 2.0, no flags, deflate
-(zlib level 9, raw, 32 KiB window), timestamp 1980-01-01 00:00:00, no extra field; the central
-directory records Unix regular files with mode 0644 and no comments; no archive comment, no
-ZIP64 (every member and the whole archive stay below 4 GiB), no data descriptors.
+verifier): members sorted by name; each a local header with version 2.0, no flags, compression
+method 0 (stored: the member's bytes as they are, compressed size = size, CRC-32 over the
+data), timestamp 1980-01-01 00:00:00, no extra field; the central directory records Unix
+regular files with mode 0644 and no comments; no archive comment, no ZIP64 (every member and
+the whole archive stay below 4 GiB), no data descriptors.
+
+Members are stored, not deflated, so the canonical form does not depend on any compressor:
+deflate output is not specified by any standard and differs between zlib builds (zlib-ng,
+Intel, Cloudflare, future versions), and a signed bundle must verify on every machine. Float
+weights barely compress anyway.
 
 Members: ``model.safetensors`` (the weights), ``artifact_manifest.json`` (the manifest, RFC 8785
 canonical JSON = the signed Statement's predicate), ``artifact_manifest.dsse.json`` (the DSSE
@@ -80,12 +86,11 @@ CENTRAL_SIZE: Final = struct.calcsize(CENTRAL_FMT)
 EOCD_SIZE: Final = struct.calcsize(EOCD_FMT)
 VERSION_NEEDED: Final = 20
 VERSION_MADE_BY: Final = (3 << 8) | 20  # Unix, 2.0
-METHOD_DEFLATE: Final = 8
+METHOD_STORED: Final = 0
 DOS_TIME: Final = 0
 DOS_DATE: Final = (0 << 9) | (1 << 5) | 1  # 1980-01-01
 EXTERNAL_ATTR: Final = 0o100644 << 16  # regular file, rw-r--r--
 ZIP32_LIMIT: Final = 0xFFFFFFFF
-DEFLATE_LEVEL: Final = 9
 CHUNK: Final = 1 << 16
 
 _NAME_COMPONENT: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -120,7 +125,7 @@ def local_header(name: bytes, crc: int, csize: int, usize: int) -> bytes:
             LOCAL_SIG,
             VERSION_NEEDED,
             0,
-            METHOD_DEFLATE,
+            METHOD_STORED,
             DOS_TIME,
             DOS_DATE,
             crc,
@@ -141,7 +146,7 @@ def central_header(name: bytes, crc: int, csize: int, usize: int, offset: int) -
             VERSION_MADE_BY,
             VERSION_NEEDED,
             0,
-            METHOD_DEFLATE,
+            METHOD_STORED,
             DOS_TIME,
             DOS_DATE,
             crc,
@@ -163,11 +168,6 @@ def end_of_central_directory(count: int, cd_size: int, cd_offset: int) -> bytes:
     return struct.pack(EOCD_FMT, EOCD_SIG, 0, 0, count, count, cd_size, cd_offset, 0)
 
 
-def new_compressor() -> zlib._Compress:
-    """The canonical raw-deflate compressor."""
-    return zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY)
-
-
 MemberSource = bytes | Path
 
 
@@ -181,16 +181,13 @@ def _chunks(source: MemberSource) -> Iterator[bytes]:
             yield chunk
 
 
-def _compressed(source: MemberSource) -> Iterator[bytes]:
-    compressor = new_compressor()
-    for chunk in _chunks(source):
-        if out := compressor.compress(chunk):
-            yield out
-    yield compressor.flush()
-
-
 def write_canonical_zip(members: Mapping[str, MemberSource], out: BinaryIO) -> None:
-    """Write ``members`` (bytes, or a file path streamed twice) as a canonical ZIP to ``out``."""
+    """Write ``members`` (bytes, or a file path streamed twice) as a canonical ZIP to ``out``.
+
+    Members are stored uncompressed. A file is read once for its CRC-32 and size (the local
+    header precedes the data and there are no data descriptors) and once to copy it; a file
+    that changes in between raises ``ValueError``.
+    """
     central: list[bytes] = []
     offset = 0
     for name in sorted(members):
@@ -198,20 +195,22 @@ def write_canonical_zip(members: Mapping[str, MemberSource], out: BinaryIO) -> N
         source = members[name]
         if not isinstance(source, bytes | Path):
             raise TypeError(f"member {name!r} must be bytes or a Path. Found {type(source)}.")
-        crc, usize, csize = 0, 0, 0
+        crc, size = 0, 0
         for chunk in _chunks(source):
-            crc, usize = zlib.crc32(chunk, crc), usize + len(chunk)
-        for piece in _compressed(source):
-            csize += len(piece)
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
         encoded = name.encode("ascii")
-        header = local_header(encoded, crc, csize, usize)
-        if max(usize, csize, offset + len(header) + csize) >= ZIP32_LIMIT:
+        header = local_header(encoded, crc, size, size)
+        if max(size, offset + len(header) + size) >= ZIP32_LIMIT:
             raise ValueError(f"member {name!r} makes the bundle exceed 4 GiB (no ZIP64)")
         out.write(header)
-        for piece in _compressed(source):
-            out.write(piece)
-        central.append(central_header(encoded, crc, csize, usize, offset))
-        offset += len(header) + csize
+        written_crc, written = 0, 0
+        for chunk in _chunks(source):
+            written_crc, written = zlib.crc32(chunk, written_crc), written + len(chunk)
+            out.write(chunk)
+        if (written_crc, written) != (crc, size):
+            raise ValueError(f"member {name!r} changed while the bundle was being written")
+        central.append(central_header(encoded, crc, size, size, offset))
+        offset += len(header) + size
     directory = b"".join(central)
     out.write(directory)
     out.write(end_of_central_directory(len(central), len(directory), offset))

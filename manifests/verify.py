@@ -1,12 +1,17 @@
 """Offline, strict verification of a signed artifact bundle.
 
 The verifier reads the ZIP's end record and central directory first (names, types, declared
-sizes, caps), then streams every member once: inflating with a bounded output, hashing it, and
-recompressing it to prove the archive is the canonical ZIP of its members. Nothing is extracted
-to disk; only the two JSON members and the safetensors header are kept in memory.
+sizes, caps), then takes the members in name order: a member that is not stored
+(compression method 0; canonical bundles never depend on a compressor, see
+:mod:`manifests.bundle`) is rejected before any of its data is read, and a stored member is
+streamed once, never past its declared size, hashed and CRC-checked. Size and ratio caps are
+checked from the headers before the compression method, so a deflate bomb is reported as a zip
+bomb; nothing is ever inflated. Nothing is extracted to disk; only the two JSON members and the
+safetensors header are kept in memory.
 
 Because bundles are reproducible, a valid bundle equals byte for byte the canonical ZIP rebuilt
-from its verified members, so any change anywhere in the file fails verification.
+from its verified members (headers, stored data, central directory and end record), so any
+change anywhere in the file fails verification.
 
 Trust comes only from the pinned :class:`manifests.keys.TrustedKeys`; the key must be unrevoked
 and valid at the manifest's ``created_at`` and, when given, at ``now``.
@@ -82,11 +87,11 @@ class BundleVerificationError(Exception):
 
 
 class MalformedBundleError(BundleVerificationError):
-    """Not a readable ZIP (bad records, CRC, truncated deflate, unsupported features)."""
+    """Not a readable ZIP (bad records, CRC, truncated data, unsupported features)."""
 
 
 class NonCanonicalBundleError(BundleVerificationError):
-    """A readable ZIP that is not the canonical ZIP of its members."""
+    """A readable ZIP that is not the canonical ZIP of its members (e.g. compressed members)."""
 
 
 class UnsafeMemberError(BundleVerificationError):
@@ -187,6 +192,7 @@ class VerifiedBundle:
 class _Entry:
     name: str
     raw_name: bytes
+    method: int
     crc: int
     csize: int
     usize: int
@@ -271,15 +277,13 @@ def _read_directory(handle: BinaryIO, size: int, limits: Limits) -> tuple[list[_
             raise UnsafeMemberError(f"member name {raw_name!r} is not valid UTF-8") from None
         if flags & 0x1:
             raise MalformedBundleError(f"member {name!r} is encrypted")
-        if method not in (0, zipfmt.METHOD_DEFLATE):
-            raise MalformedBundleError(f"member {name!r} uses unsupported compression {method}")
         mode = external >> 16
         if made_by >> 8 == 3 and stat.S_ISLNK(mode):
             raise UnsafeMemberError(f"member {name!r} is a symbolic link")
         kind = stat.S_IFMT(mode) if made_by >> 8 == 3 else 0
         if (kind and kind != stat.S_IFREG) or name.endswith("/"):
             raise UnsafeMemberError(f"member {name!r} is not a regular file")
-        entries.append(_Entry(name, raw_name, crc, csize, usize, offset))
+        entries.append(_Entry(name, raw_name, method, crc, csize, usize, offset))
     if position != len(directory):
         raise MalformedBundleError("central directory has trailing bytes")
     return entries, cd_offset, directory
@@ -320,17 +324,13 @@ def _check_names_and_sizes(entries: list[_Entry], cd_offset: int, limits: Limits
 def _stream_member(
     handle: BinaryIO, entry: _Entry, keep: bool, budget: int, limits: Limits
 ) -> _Streamed:
-    """Inflate one member with bounded output; hash it; prove its deflate data is canonical."""
+    """Read one stored member, never more than its declared size; hash it; check its CRC-32."""
     header = _read_exact(handle, entry.offset, zipfmt.LOCAL_SIZE + len(entry.raw_name), "header")
     if header != zipfmt.local_header(entry.raw_name, entry.crc, entry.csize, entry.usize):
         raise NonCanonicalBundleError(
             f"local header of member {entry.name!r} is not canonical (or disagrees with the "
             "central directory)"
         )
-    inflater = zlib.decompressobj(-15)
-    recompressor = zipfmt.new_compressor()
-    stored_hash, rebuilt_hash = hashlib.sha256(), hashlib.sha256()
-    rebuilt_size = 0
     digest = hashlib.sha256()
     crc, produced = 0, 0
     content = bytearray()
@@ -338,60 +338,33 @@ def _stream_member(
     head_cap = 8 + zipfmt.MAX_SAFETENSORS_HEADER
     cap = min(entry.usize, budget)
 
-    def take(data: bytes) -> None:
-        nonlocal crc, produced, rebuilt_size
-        produced += len(data)
-        if produced > cap:
-            raise ZipBombError(
-                f"member {entry.name!r} inflates beyond its declared size of {entry.usize} bytes"
-                if produced > entry.usize
-                else "members inflate beyond the total uncompressed-size limit"
-            )
-        crc = zlib.crc32(data, crc)
-        digest.update(data)
-        if keep:
-            content.extend(data)
-        if len(head) < head_cap:
-            head.extend(data[: head_cap - len(head)])
-        piece = recompressor.compress(data)
-        rebuilt_hash.update(piece)
-        rebuilt_size += len(piece)
-
     remaining = entry.csize
     while remaining:
-        chunk = handle.read(min(zipfmt.CHUNK, remaining))
+        # Stored data is the member itself: read at most one byte past the cap, so a member
+        # whose data outruns its declared size is caught without reading the rest of it.
+        chunk = handle.read(min(zipfmt.CHUNK, remaining, cap - produced + 1))
         if not chunk:
             raise MalformedBundleError(f"member {entry.name!r} is truncated")
         remaining -= len(chunk)
-        stored_hash.update(chunk)
-        if inflater.eof:
-            raise MalformedBundleError(f"member {entry.name!r} has data after its deflate stream")
-        try:
-            take(inflater.decompress(chunk, zipfmt.CHUNK))
-            while inflater.unconsumed_tail and not inflater.eof:
-                take(inflater.decompress(inflater.unconsumed_tail, zipfmt.CHUNK))
-        except zlib.error as exc:
-            raise MalformedBundleError(
-                f"member {entry.name!r} is not valid deflate: {exc}"
-            ) from None
-    if not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
-        raise MalformedBundleError(
-            f"member {entry.name!r} has a truncated or padded deflate stream"
-        )
+        produced += len(chunk)
+        if produced > cap:
+            raise ZipBombError(
+                f"member {entry.name!r} holds more than its declared size of {entry.usize} bytes"
+                if produced > entry.usize
+                else "members hold more than the total uncompressed-size limit"
+            )
+        crc = zlib.crc32(chunk, crc)
+        digest.update(chunk)
+        if keep:
+            content.extend(chunk)
+        if len(head) < head_cap:
+            head.extend(chunk[: head_cap - len(head)])
     if produced != entry.usize:
         raise MalformedBundleError(
-            f"member {entry.name!r} inflates to {produced} bytes, not the declared {entry.usize}"
+            f"member {entry.name!r} holds {produced} bytes, not the declared {entry.usize}"
         )
     if crc != entry.crc:
         raise MalformedBundleError(f"member {entry.name!r} fails its CRC-32 check")
-    tail = recompressor.flush()
-    rebuilt_hash.update(tail)
-    rebuilt_size += len(tail)
-    if rebuilt_size != entry.csize or rebuilt_hash.digest() != stored_hash.digest():
-        raise NonCanonicalBundleError(
-            f"member {entry.name!r} is not compressed in the canonical form (deflate level "
-            f"{zipfmt.DEFLATE_LEVEL})"
-        )
     return _Streamed(digest.hexdigest(), produced, bytes(content) if keep else None, bytes(head))
 
 
@@ -415,6 +388,11 @@ def _read_members(handle: BinaryIO, size: int, limits: Limits) -> dict[str, _Str
             raise ZipBombError(
                 f"member {entry.name!r} is {entry.usize} bytes; JSON members are limited to "
                 f"{limits.max_json_member}"
+            )
+        if entry.method != zipfmt.METHOD_STORED:
+            raise NonCanonicalBundleError(
+                f"member {entry.name!r} uses compression method {entry.method}; fedbrain "
+                "bundles store members uncompressed"
             )
         streamed[entry.name] = _stream_member(handle, entry, keep, budget, limits)
         budget -= entry.usize

@@ -6,6 +6,7 @@ import hashlib
 import io
 import pickle
 import zipfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from manifests import bundle as bundle_module
 from manifests.bundle import (
     ENVELOPE_MEMBER,
     MANIFEST_MEMBER,
@@ -73,6 +75,20 @@ def canonical_zip(members: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
+def zipfile_zip(members: dict[str, bytes], compression: int) -> bytes:
+    """``members`` written by Python's ``zipfile`` with the canonical metadata (sorted names,
+    1980-01-01 timestamps, Unix mode 0644) and the given compression method."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.create_system = 3
+            info.external_attr = 0o100644 << 16
+            info.compress_type = compression
+            archive.writestr(info, members[name])
+    return out.getvalue()
+
+
 def signed_zip(
     members: dict[str, bytes],
     predicate: dict[str, object],
@@ -110,6 +126,51 @@ def test_same_inputs_give_a_byte_identical_bundle(tmp_path: Path) -> None:
     assert build_vision_bundle(first).read_bytes() == build_vision_bundle(second).read_bytes()
 
 
+def test_bundle_built_twice_is_byte_identical_and_independent_of_any_compressor(
+    tmp_path: Path,
+) -> None:
+    """Stored members: the bundle is exactly what any ZIP writer produces with the canonical
+    metadata and no compression, so no zlib build can change it."""
+    first = build_vision_bundle(tmp_path).read_bytes()
+    second = build_vision_bundle(tmp_path).read_bytes()
+    assert first == second
+    members = read_members(tmp_path / "bundle.zip")
+    assert zipfile_zip(members, zipfile.ZIP_STORED) == first
+    assert canonical_zip(members) == first
+
+
+def test_writer_gives_the_same_bytes_for_files_and_bytes(tmp_path: Path) -> None:
+    data = {"a.bin": bytes(range(256)) * 300, "b/c.txt": b"", "d.txt": b"hello"}
+    paths: dict[str, Path | bytes] = {}
+    for index, (name, content) in enumerate(data.items()):
+        path = tmp_path / f"{index}.bin"
+        path.write_bytes(content)
+        paths[name] = path
+    out = io.BytesIO()
+    write_canonical_zip(paths, out)
+    assert out.getvalue() == canonical_zip(data)
+
+
+def test_writer_rejects_a_file_that_changes_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"first")
+    real_chunks = bundle_module._chunks
+    calls = 0
+
+    def changing(source: bundle_module.MemberSource) -> Iterator[bytes]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            path.write_bytes(b"other")
+        yield from real_chunks(source)
+
+    monkeypatch.setattr(bundle_module, "_chunks", changing)
+    with pytest.raises(ValueError, match=r"'w\.bin' changed while the bundle was being written"):
+        write_canonical_zip({"w.bin": path}, io.BytesIO())
+
+
 def test_bundle_zip_entries_have_fixed_metadata(tmp_path: Path) -> None:
     with zipfile.ZipFile(build_vision_bundle(tmp_path)) as archive:
         infos = archive.infolist()
@@ -117,7 +178,9 @@ def test_bundle_zip_entries_have_fixed_metadata(tmp_path: Path) -> None:
     for info in infos:
         assert info.date_time == (1980, 1, 1, 0, 0, 0)
         assert info.external_attr >> 16 == 0o100644
-        assert info.compress_type == zipfile.ZIP_DEFLATED
+        assert info.compress_type == zipfile.ZIP_STORED
+        assert info.compress_size == info.file_size
+        assert info.flag_bits == 0
         assert info.extra == b""
         assert info.comment == b""
 

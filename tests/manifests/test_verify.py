@@ -32,6 +32,7 @@ from manifests.verify import (
     KeyNotTrustedError,
     KeyRevokedError,
     Limits,
+    MalformedBundleError,
     ManifestMismatchError,
     MemberSetError,
     NonCanonicalBundleError,
@@ -51,6 +52,7 @@ from tests.manifests.test_bundle import (
     read_members,
     signed_zip,
     trusted,
+    zipfile_zip,
 )
 
 TRUSTED = trusted()
@@ -88,20 +90,38 @@ def raw_zip(
     *,
     mode: int = 0o100644,
     sizes: dict[bytes, int] | None = None,
+    deflate: bool = False,
 ) -> bytes:
     """A ZIP with chosen (name, data) records, in order, bypassing every writer check;
-    ``sizes`` overrides the declared uncompressed size of some members."""
+    ``sizes`` overrides the declared uncompressed size of some members; ``deflate`` stores the
+    data raw-deflated (method 8) instead of stored (method 0)."""
     body, central = b"", b""
+    method = struct.pack("<H", 8 if deflate else 0)
     for name, data in entries:
-        compressor = zipfmt.new_compressor()
-        packed = compressor.compress(data) + compressor.flush()
+        if deflate:
+            compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+            packed = compressor.compress(data) + compressor.flush()
+        else:
+            packed = data
         usize = (sizes or {}).get(name, len(data))
         crc = zlib.crc32(data)
         header = zipfmt.central_header(name, crc, len(packed), usize, len(body))
-        header = header[:38] + struct.pack("<I", mode << 16) + header[42:]
+        header = header[:10] + method + header[12:38] + struct.pack("<I", mode << 16) + header[42:]
         central += header
-        body += zipfmt.local_header(name, crc, len(packed), usize) + packed
+        local = zipfmt.local_header(name, crc, len(packed), usize)
+        body += local[:8] + method + local[10:] + packed
     return body + central + zipfmt.end_of_central_directory(len(entries), len(central), len(body))
+
+
+@pytest.fixture
+def no_inflation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything inflates deflate data while it runs."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the verifier must never inflate member data")
+
+    monkeypatch.setattr(zlib, "decompressobj", refuse)
+    monkeypatch.setattr(zlib, "decompress", refuse)
 
 
 def test_valid_bundle_verifies_and_summarizes(valid: Path) -> None:
@@ -280,8 +300,11 @@ def test_symlink_member_fails(tmp_path: Path) -> None:
         verify_bundle(path, TRUSTED)
 
 
+@pytest.mark.usefixtures("no_inflation")
 def test_zip_bomb_is_caught_from_the_declared_ratio(tmp_path: Path) -> None:
-    path = write(tmp_path, raw_zip([(b"model.safetensors", bytes(1_000_000))]))
+    """A deflate bomb is reported as a zip bomb (not as merely non-canonical); nothing is
+    inflated."""
+    path = write(tmp_path, raw_zip([(b"model.safetensors", bytes(1_000_000))], deflate=True))
     with pytest.raises(ZipBombError, match="compression ratio above 100:1"):
         verify_bundle(path, TRUSTED)
 
@@ -291,6 +314,27 @@ def test_zip_bomb_is_caught_from_the_declared_total(valid: Path) -> None:
         verify_bundle(valid, TRUSTED, limits=Limits(max_total_uncompressed=100))
 
 
+@pytest.mark.usefixtures("no_inflation")
+def test_deflated_member_over_the_declared_total_is_a_zip_bomb(tmp_path: Path) -> None:
+    path = write(tmp_path, raw_zip([(b"model.safetensors", bytes(200_000))], deflate=True))
+    limits = Limits(max_total_uncompressed=100_000, max_compression_ratio=10**6)
+    with pytest.raises(ZipBombError, match="declare 200000 bytes uncompressed; the limit is"):
+        verify_bundle(path, TRUSTED, limits=limits)
+
+
+@pytest.mark.usefixtures("no_inflation")
+def test_deflated_json_member_over_its_cap_is_a_zip_bomb(tmp_path: Path) -> None:
+    entries = [
+        (ENVELOPE_MEMBER.encode(), b" " * 5000),
+        (MANIFEST_MEMBER.encode(), b"{}"),
+        (WEIGHTS_MEMBER.encode(), b"w"),
+    ]
+    path = write(tmp_path, raw_zip(entries, deflate=True))
+    limits = Limits(max_json_member=1000, max_compression_ratio=10**6)
+    with pytest.raises(ZipBombError, match="JSON members are limited to 1000"):
+        verify_bundle(path, TRUSTED, limits=limits)
+
+
 def test_zip_bomb_lying_about_its_size_is_caught_while_streaming(tmp_path: Path) -> None:
     entries = [
         (ENVELOPE_MEMBER.encode(), b"{}"),
@@ -298,18 +342,55 @@ def test_zip_bomb_lying_about_its_size_is_caught_while_streaming(tmp_path: Path)
         (WEIGHTS_MEMBER.encode(), bytes(200_000)),
     ]
     path = write(tmp_path, raw_zip(entries, sizes={WEIGHTS_MEMBER.encode(): 1000}))
-    with pytest.raises(ZipBombError, match="inflates beyond its declared size of 1000"):
+    with pytest.raises(ZipBombError, match="holds more than its declared size of 1000"):
         verify_bundle(path, TRUSTED)
+
+
+def test_member_shorter_than_its_declared_size_fails(tmp_path: Path) -> None:
+    entries = [
+        (ENVELOPE_MEMBER.encode(), b"{}"),
+        (MANIFEST_MEMBER.encode(), b"{}"),
+        (WEIGHTS_MEMBER.encode(), bytes(100)),
+    ]
+    path = write(tmp_path, raw_zip(entries, sizes={WEIGHTS_MEMBER.encode(): 150}))
+    with pytest.raises(MalformedBundleError, match="holds 100 bytes, not the declared 150"):
+        verify_bundle(path, TRUSTED)
+
+
+def test_member_data_failing_its_crc_fails(tmp_path: Path, valid: Path) -> None:
+    data = bytearray(valid.read_bytes())
+    with zipfile.ZipFile(valid) as archive:
+        start = archive.getinfo(WEIGHTS_MEMBER).header_offset + 30 + len(WEIGHTS_MEMBER)
+    data[start + 100] ^= 0x01  # inside the stored weights; headers untouched
+    with pytest.raises(MalformedBundleError, match=r"'model\.safetensors' fails its CRC-32 check"):
+        verify_bundle(write(tmp_path, bytes(data)), TRUSTED)
+
+
+@pytest.mark.usefixtures("no_inflation")
+def test_bundle_with_deflated_members_is_not_canonical(
+    tmp_path: Path, valid: Path, members: dict[str, bytes]
+) -> None:
+    """The same members, names, timestamps and modes, but deflated: rejected for the method."""
+    assert zipfile_zip(members, zipfile.ZIP_STORED) == valid.read_bytes()
+    deflated = zipfile_zip(members, zipfile.ZIP_DEFLATED)
+    with pytest.raises(
+        NonCanonicalBundleError,
+        match=(
+            r"^member 'artifact_manifest\.dsse\.json' uses compression method 8; "
+            r"fedbrain bundles store members uncompressed$"
+        ),
+    ):
+        verify_bundle(write(tmp_path, deflated), TRUSTED)
 
 
 def test_bundle_rezipped_by_another_tool_is_not_canonical(
     tmp_path: Path, members: dict[str, bytes]
 ) -> None:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for name in sorted(members):
-            archive.writestr(name, members[name])
-    with pytest.raises(NonCanonicalBundleError):
+            archive.writestr(name, members[name])  # today's timestamp, mode 0600
+    with pytest.raises(NonCanonicalBundleError, match="not canonical"):
         verify_bundle(write(tmp_path, buffer.getvalue()), TRUSTED)
 
 
