@@ -1,0 +1,576 @@
+"""Model builders: encoders (ViT, wav2vec2, MPNet) and the GPT-2 language model.
+
+Models are built from ``transformers`` *config classes* (random initialisation) or from a local
+safetensors checkpoint; nothing is downloaded. A :class:`ModelSpec` starts from the real base
+configuration of its family (ViT-B/16, wav2vec2-base, mpnet-base, GPT-2 small) and the learning
+form's ``hidden_size`` / ``num_layers`` / ``num_heads`` / ``embedding_dim`` / input spec override
+it, so the same code builds a tiny model for tests and the full-size one.
+
+Text models use the byte-level vocabulary of :mod:`clients.data` (260 ids), not a downloaded
+tokenizer. Encoders return an :class:`EncoderOutput`: the mean-pooled last hidden state through a
+linear projection to ``embedding_dim``, plus classifier logits when ``num_classes`` is set.
+
+Opacus (example-level DP-SGD): every family passes ``ModuleValidator.validate`` unchanged (no
+BatchNorm; wav2vec2's feature extractor uses GroupNorm, which Opacus supports), so
+``ModuleValidator.fix`` is not needed. Per-sample gradients need more care, and the builder
+takes it: wav2vec2's SpecAugment masking (numpy RNG) and LayerDrop (skipped layers get no
+per-sample gradient) are off; MPNet's relative-attention bias is looked up per example (see
+:func:`_batch_relative_position_bias`). GPT-2 looks its position embeddings up with a batch
+dimension of 1 unless ``position_ids`` of shape ``(B, L)`` are passed -- the training loop
+always passes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from opacus import GradSampleModule
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MPNetConfig,
+    MPNetModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    ViTConfig,
+    ViTModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+)
+from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+from clients.data import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+from manifests.confighash import canonical_json
+
+__all__ = [
+    "BASE_MODEL_FAMILIES",
+    "CheckpointError",
+    "EncoderModel",
+    "EncoderOutput",
+    "ModelFamily",
+    "ModelSpec",
+    "WeightsError",
+    "build_model",
+    "family_for_base_model",
+    "get_weights",
+    "load_checkpoint",
+    "model_config",
+    "model_fingerprint",
+    "save_checkpoint",
+    "set_weights",
+    "spec_for_base_model",
+    "unwrap",
+    "weight_names",
+]
+
+
+class ModelFamily(StrEnum):
+    """The model architectures fedbrain trains."""
+
+    VIT = "vit"
+    WAV2VEC2 = "wav2vec2"
+    MPNET = "mpnet"
+    GPT2 = "gpt2"
+
+    @property
+    def is_encoder(self) -> bool:
+        """Whether the family is an embedding encoder (else: a language model)."""
+        return self is not ModelFamily.GPT2
+
+
+BASE_MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "vit-base16": ModelFamily.VIT,
+    "vit-base16-embed-v1": ModelFamily.VIT,
+    "wav2vec2-base": ModelFamily.WAV2VEC2,
+    "wav2vec2-base-embed-v1": ModelFamily.WAV2VEC2,
+    "sbert-all-mpnet": ModelFamily.MPNET,
+    "sbert-all-mpnet-v1": ModelFamily.MPNET,
+    "all-mpnet-base-v2": ModelFamily.MPNET,
+    "mpnet-base": ModelFamily.MPNET,
+    "gpt-small": ModelFamily.GPT2,
+    "gpt-small-v1": ModelFamily.GPT2,
+}
+"""Catalog base models and artifact ids -> the family that builds them."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    input_size: int = 224
+    patch_size: int = 16
+    sample_rate: int = 16_000
+    max_seq_length: int = 512
+
+
+_BASES: dict[ModelFamily, _Base] = {
+    ModelFamily.VIT: _Base(768, 12, 12),  # google/vit-base-patch16-224
+    ModelFamily.WAV2VEC2: _Base(768, 12, 12),  # facebook/wav2vec2-base
+    ModelFamily.MPNET: _Base(768, 12, 12, max_seq_length=512),  # microsoft/mpnet-base
+    ModelFamily.GPT2: _Base(768, 12, 12, max_seq_length=1024),  # gpt2 (small)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What to build: a family's base config with the learning form's overrides.
+
+    ``None`` keeps the base value. ``intermediate_size`` defaults to ``4 * hidden_size``,
+    ``embedding_dim`` to ``hidden_size`` (encoders only), ``dropout`` (all dropout
+    probabilities) to the base config's. ``num_classes`` adds a classifier over the embedding.
+    ``checkpoint`` is a local safetensors file loaded strictly after building.
+    """
+
+    family: ModelFamily
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+    embedding_dim: int | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    patch_size: int | None = None
+    sample_rate: int | None = None
+    max_seq_length: int | None = None
+    dropout: float | None = None
+    checkpoint: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "family", ModelFamily(self.family))
+        problems: list[str] = []
+        for name in (
+            "hidden_size", "num_layers", "num_heads", "intermediate_size", "embedding_dim",
+            "input_size", "patch_size", "sample_rate", "max_seq_length",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"`{name}` must be a positive integer. Found {value!r}.")
+        if self.num_classes is not None and self.num_classes < 2:
+            problems.append(f"`num_classes` must be >= 2. Found {self.num_classes}.")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            problems.append(f"`dropout` must be in [0, 1). Found {self.dropout}.")
+        if not problems:
+            if self.resolved_hidden_size % self.resolved_num_heads:
+                problems.append(
+                    f"`hidden_size` ({self.resolved_hidden_size}) must be a multiple of "
+                    f"`num_heads` ({self.resolved_num_heads})."
+                )
+            if self.family is ModelFamily.VIT and self.resolved_input_size % self.resolved_patch:
+                problems.append(
+                    f"`input_size` ({self.resolved_input_size}) must be a multiple of "
+                    f"`patch_size` ({self.resolved_patch})."
+                )
+            if self.family is ModelFamily.GPT2 and (
+                self.embedding_dim is not None or self.num_classes is not None
+            ):
+                problems.append(
+                    "gpt2 is a language model: `embedding_dim` and `num_classes` do not apply."
+                )
+        if problems:
+            raise ValueError("Invalid model spec: " + " ".join(problems))
+
+    @property
+    def _base(self) -> _Base:
+        return _BASES[self.family]
+
+    @property
+    def resolved_hidden_size(self) -> int:
+        """The hidden size after overrides."""
+        return self.hidden_size or self._base.hidden_size
+
+    @property
+    def resolved_num_heads(self) -> int:
+        """The number of attention heads after overrides."""
+        return self.num_heads or self._base.num_heads
+
+    @property
+    def resolved_num_layers(self) -> int:
+        """The number of transformer layers after overrides."""
+        return self.num_layers or self._base.num_layers
+
+    @property
+    def resolved_embedding_dim(self) -> int:
+        """The embedding size of an encoder."""
+        return self.embedding_dim or self.resolved_hidden_size
+
+    @property
+    def resolved_input_size(self) -> int:
+        """The image side (ViT)."""
+        return self.input_size or self._base.input_size
+
+    @property
+    def resolved_patch(self) -> int:
+        """The patch side (ViT)."""
+        return self.patch_size or self._base.patch_size
+
+    @property
+    def resolved_sample_rate(self) -> int:
+        """The audio sample rate (wav2vec2 input)."""
+        return self.sample_rate or self._base.sample_rate
+
+    @property
+    def resolved_max_seq_length(self) -> int:
+        """The maximum number of token ids (MPNet, GPT-2)."""
+        return self.max_seq_length or self._base.max_seq_length
+
+
+def family_for_base_model(base_model: str) -> ModelFamily:
+    """The family of a catalog base model or artifact id (``vit-base16`` -> vit, ...)."""
+    try:
+        return BASE_MODEL_FAMILIES[base_model]
+    except KeyError:
+        known = ", ".join(sorted(BASE_MODEL_FAMILIES))
+        raise ValueError(
+            f"No model builder for base model {base_model!r}. Known: {known}."
+        ) from None
+
+
+def spec_for_base_model(
+    base_model: str,
+    *,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    num_heads: int | None = None,
+    embedding_dim: int | None = None,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    sample_rate: int | None = None,
+    max_seq_length: int | None = None,
+    checkpoint: Path | None = None,
+) -> ModelSpec:
+    """The spec of a learning-form selection (the form's fields, ``None`` when not set)."""
+    return ModelSpec(
+        family=family_for_base_model(base_model),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        embedding_dim=embedding_dim,
+        num_classes=num_classes,
+        input_size=input_size,
+        sample_rate=sample_rate,
+        max_seq_length=max_seq_length,
+        checkpoint=checkpoint,
+    )
+
+
+def model_config(spec: ModelSpec) -> PretrainedConfig:
+    """The ``transformers`` config of the backbone (cheap: nothing is instantiated)."""
+    hidden = spec.resolved_hidden_size
+    layers, heads = spec.resolved_num_layers, spec.resolved_num_heads
+    inner = spec.intermediate_size or 4 * hidden
+    p = spec.dropout
+    if spec.family is ModelFamily.VIT:
+        return ViTConfig(
+            hidden_size=hidden,
+            image_size=spec.resolved_input_size,
+            patch_size=spec.resolved_patch,
+            hidden_dropout_prob=p or 0.0,
+            attention_probs_dropout_prob=p or 0.0,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inner,
+        )
+    if spec.family is ModelFamily.WAV2VEC2:
+        conv = min(512, hidden)
+        drop = 0.1 if p is None else p
+        return Wav2Vec2Config(
+            hidden_size=hidden,
+            conv_dim=(conv,) * 7,
+            num_conv_pos_embedding_groups=math.gcd(16, hidden),
+            feat_extract_norm="group",
+            do_stable_layer_norm=False,
+            apply_spec_augment=False,
+            mask_time_prob=0.0,
+            mask_feature_prob=0.0,
+            layerdrop=0.0,
+            hidden_dropout=drop,
+            attention_dropout=drop,
+            activation_dropout=0.0 if p is None else p,
+            feat_proj_dropout=drop,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inner,
+        )
+    if spec.family is ModelFamily.MPNET:
+        drop = 0.1 if p is None else p
+        return MPNetConfig(
+            vocab_size=BYTE_VOCAB_SIZE,
+            hidden_size=hidden,
+            max_position_embeddings=spec.resolved_max_seq_length + 2,
+            hidden_dropout_prob=drop,
+            attention_probs_dropout_prob=drop,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inner,
+        )
+    drop = 0.1 if p is None else p
+    return GPT2Config(
+        vocab_size=BYTE_VOCAB_SIZE,
+        n_positions=spec.resolved_max_seq_length,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_inner=inner,
+        resid_pdrop=drop,
+        embd_pdrop=drop,
+        attn_pdrop=drop,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EncoderOutput:
+    """An encoder's output: embeddings ``(B, embedding_dim)``; logits ``(B, C)`` or None."""
+
+    embedding: Tensor
+    logits: Tensor | None
+
+
+class EncoderModel(nn.Module):
+    """A ``transformers`` backbone, mean pooling, a projection and an optional classifier.
+
+    Inputs: ViT pixel values ``(B, 3, S, S)``; wav2vec2 waveforms ``(B, T)``; MPNet byte ids
+    ``(B, L)`` (``PAD_ID`` positions are masked out of attention and pooling).
+    """
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        backbone: PreTrainedModel,
+        *,
+        hidden_size: int,
+        embedding_dim: int,
+        num_classes: int | None,
+    ) -> None:
+        super().__init__()
+        self.family: ModelFamily = family
+        self.backbone = backbone
+        self.projection = nn.Linear(hidden_size, embedding_dim)
+        self.classifier = nn.Linear(embedding_dim, num_classes) if num_classes else None
+
+    def forward(self, inputs: Tensor) -> EncoderOutput:
+        if self.family is ModelFamily.MPNET:
+            mask = inputs.ne(PAD_ID)
+            length = inputs.shape[1]
+            positions = torch.arange(2, length + 2, device=inputs.device).expand_as(inputs)
+            hidden = self.backbone(
+                input_ids=inputs, attention_mask=mask.long(), position_ids=positions
+            ).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        elif self.family is ModelFamily.VIT:
+            pooled = self.backbone(pixel_values=inputs).last_hidden_state.mean(1)
+        else:
+            pooled = self.backbone(input_values=inputs).last_hidden_state.mean(1)
+        embedding = self.projection(pooled)
+        logits = self.classifier(embedding) if self.classifier is not None else None
+        return EncoderOutput(embedding=embedding, logits=logits)
+
+
+def _batched_position_bias(
+    encoder: nn.Module, x: Tensor, position_ids: Tensor | None = None, num_buckets: int = 32
+) -> Tensor:
+    """MPNet's relative-position bias ``(B, heads, L, L)``, looked up once per example."""
+    if position_ids is not None:
+        raise NotImplementedError("fedbrain's MPNet position bias takes no position_ids.")
+    bsz, length = x.size(0), x.size(1)
+    positions = torch.arange(length, dtype=torch.long, device=x.device)
+    relative = positions[None, :] - positions[:, None]
+    bucketize = cast(Callable[..., Tensor], MPNetEncoder.relative_position_bucket)
+    bucket = bucketize(relative, num_buckets=num_buckets)
+    table = cast(nn.Embedding, encoder.relative_attention_bias)
+    values: Tensor = table(bucket.expand(bsz, length, length))
+    return values.permute(0, 3, 1, 2).contiguous()
+
+
+def _batch_relative_position_bias(backbone: MPNetModel) -> None:
+    """Make MPNet's relative-attention-bias lookup per example (same values).
+
+    ``MPNetEncoder.compute_position_bias`` embeds one ``(L, L)`` bucket table for the whole
+    batch, so Opacus would record a per-sample gradient with batch dimension ``L`` for
+    ``relative_attention_bias`` (wrong, or a crash when clipping). Looking it up with a batch
+    dimension gives every example its own gradient.
+    """
+    encoder = backbone.encoder
+    setattr(encoder, "compute_position_bias", types.MethodType(_batched_position_bias, encoder))  # noqa: B010
+
+
+def build_model(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
+    """The model of ``spec`` (random init from ``seed``, or the spec's checkpoint), on CPU.
+
+    Encoders are :class:`EncoderModel`; gpt2 is ``GPT2LMHeadModel``. Build under
+    ``with torch.device("meta"):`` to inspect a full-size model without allocating it.
+    """
+    config = model_config(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model: nn.Module
+        if isinstance(config, GPT2Config):
+            model = GPT2LMHeadModel(config)
+        else:
+            backbone: PreTrainedModel
+            if isinstance(config, ViTConfig):
+                backbone = ViTModel(config, add_pooling_layer=False)
+            elif isinstance(config, Wav2Vec2Config):
+                backbone = Wav2Vec2Model(config)
+            else:
+                backbone = MPNetModel(cast(MPNetConfig, config), add_pooling_layer=False)
+                _batch_relative_position_bias(backbone)
+            model = EncoderModel(
+                spec.family,
+                backbone,
+                hidden_size=spec.resolved_hidden_size,
+                embedding_dim=spec.resolved_embedding_dim,
+                num_classes=spec.num_classes,
+            )
+    if spec.checkpoint is not None:
+        load_checkpoint(model, spec.checkpoint)
+    return model
+
+
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
+    "problem_type", "use_cache", "_attn_implementation_autoset",
+})  # fmt: skip
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """``sha256:`` + hex SHA-256 of the RFC 8785 canonical JSON of the resolved model config.
+
+    Covers the backbone config (minus library bookkeeping such as ``transformers_version``),
+    the family, the heads and the input spec; not the checkpoint path. A server and a node
+    with different fingerprints would exchange incompatible weights.
+    """
+    config = json.loads(model_config(spec).to_json_string(use_diff=False))
+    described = {
+        "format": "fedbrain-model/1",
+        "family": str(spec.family),
+        "backbone": {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},
+        "embedding_dim": spec.resolved_embedding_dim if spec.family.is_encoder else None,
+        "num_classes": spec.num_classes,
+        "sample_rate": spec.resolved_sample_rate if spec.family is ModelFamily.WAV2VEC2 else None,
+    }
+    return "sha256:" + hashlib.sha256(canonical_json(described)).hexdigest()
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class WeightsError(ValueError):
+    """Arrays that do not fit the model (count, shape)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message lists every problem."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside an Opacus ``GradSampleModule`` (or ``model`` itself)."""
+    while isinstance(model, GradSampleModule):
+        model = cast(nn.Module, model._module)
+    return model
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """State-dict entries in state-dict order, without aliases of earlier entries (tied)."""
+    seen: set[tuple[int, int]] = set()
+    out: list[tuple[str, Tensor]] = []
+    for name, tensor in unwrap(model).state_dict(keep_vars=True).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.device.type != "meta" and key in seen:
+            continue
+        seen.add(key)
+        out.append((name, tensor))
+    return out
+
+
+def weight_names(model: nn.Module) -> list[str]:
+    """The state-dict keys that :func:`get_weights` returns, in order (tied weights once)."""
+    return [name for name, _ in _named_tensors(model)]
+
+
+def get_weights(model: nn.Module) -> list[npt.NDArray[np.float32]]:
+    """Every weight as a float32 numpy array (new arrays), in :func:`weight_names` order."""
+    return [t.detach().to("cpu", torch.float32).numpy().copy() for _, t in _named_tensors(model)]
+
+
+def set_weights(model: nn.Module, arrays: list[npt.NDArray[np.float32]]) -> None:
+    """Copy ``arrays`` (in :func:`weight_names` order) into ``model``'s tensors, in place.
+
+    Raises :class:`WeightsError` naming every mismatch before changing anything.
+    """
+    named = _named_tensors(model)
+    if len(arrays) != len(named):
+        raise WeightsError(
+            f"Expected {len(named)} weight arrays for this model, got {len(arrays)}. "
+            "Do the server and the node build the same model (compare model_fingerprint)?"
+        )
+    problems = [
+        f"{name}: got shape {tuple(np.shape(a))}, model expects {tuple(t.shape)}"
+        for (name, t), a in zip(named, arrays, strict=True)
+        if tuple(np.shape(a)) != tuple(t.shape)
+    ]
+    if problems:
+        raise WeightsError("Weight arrays do not fit the model: " + "; ".join(problems) + ".")
+    with torch.no_grad():
+        for (_, tensor), array in zip(named, arrays, strict=True):
+            tensor.copy_(torch.as_tensor(np.asarray(array), dtype=tensor.dtype))
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Write the model's weights (tied weights once) as a safetensors file."""
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in _named_tensors(model)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a local safetensors checkpoint into ``model`` strictly, in place.
+
+    Raises :class:`CheckpointError` listing missing and unexpected tensors and every shape
+    mismatch ("checkpoint tensor X has shape A, model expects B"); nothing is loaded then.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {str(path)!r} does not exist or is not a file.")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+    all_entries = unwrap(model).state_dict(keep_vars=True)
+    named = dict(_named_tensors(model))
+    problems = [f"missing tensor {name}" for name in named if name not in tensors]
+    problems += [f"unexpected tensor {name}" for name in tensors if name not in all_entries]
+    problems += [
+        f"checkpoint tensor {name} has shape {tuple(t.shape)}, model expects "
+        f"{tuple(all_entries[name].shape)}"
+        for name, t in tensors.items()
+        if name in all_entries and tuple(t.shape) != tuple(all_entries[name].shape)
+    ]
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} does not fit the model: " + "; ".join(problems) + "."
+        )
+    with torch.no_grad():
+        for name, tensor in named.items():
+            tensor.copy_(tensors[name].to(tensor.dtype))
