@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from manifests import cli as manifests_cli
+from server import cli_runs
 
 app = typer.Typer(
     name="fedbrain",
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 
 manifests_cli.register(app)
+cli_runs.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,183 @@
+"""``fedbrain runs``: the run ledger for operators (tables of runs and of a run's rounds).
+
+The ledger is read from ``--db URL`` (any SQLAlchemy URL; also ``$FEDBRAIN_LEDGER_URL``) or
+from ``--run-dir DIR`` (``DIR/ledger.sqlite``). Nothing is ever created or written. Errors
+(no ledger, unknown run) exit with code 2 and a message on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from server.ledger import JSONValue, Ledger, LedgerError, RoundRecord
+
+__all__ = ["register", "runs_app"]
+
+EXIT_INVALID = 2
+LEDGER_URL_ENV = "FEDBRAIN_LEDGER_URL"
+
+runs_app = typer.Typer(no_args_is_help=True, help="Runs and rounds recorded in the run ledger.")
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        envvar=LEDGER_URL_ENV,
+        help="Ledger database URL, e.g. sqlite:///runs/x/ledger.sqlite or postgresql+psycopg://...",
+    ),
+]
+RunDirOption = Annotated[
+    Path | None,
+    typer.Option("--run-dir", help="Run directory holding ledger.sqlite.", file_okay=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(EXIT_INVALID)
+
+
+def _open(db: str | None, run_dir: Path | None) -> Ledger:
+    if db is not None and run_dir is not None:
+        raise _fail("give either --db or --run-dir, not both.")
+    try:
+        if run_dir is not None:
+            return Ledger.for_run_dir(run_dir, create=False)
+        if db is not None:
+            return Ledger(db, create=False)
+    except LedgerError as exc:
+        raise _fail(str(exc)) from None
+    raise _fail(f"say which ledger to read: --run-dir DIR or --db URL (or set ${LEDGER_URL_ENV}).")
+
+
+def _num(value: float | None, fmt: str = ".3g") -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return format(value, fmt)
+
+
+def _time(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _json_safe(value: JSONValue) -> JSONValue:
+    """Non-finite floats as strings ("NaN", "Infinity"), so the output is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _echo_json(value: JSONValue) -> None:
+    typer.echo(json.dumps(_json_safe(value), indent=2, allow_nan=False))
+
+
+@runs_app.command("list")
+def list_command(
+    db: DbOption = None, run_dir: RunDirOption = None, as_json: JsonOption = False
+) -> None:
+    """List the runs in the ledger, newest first."""
+    ledger = _open(db, run_dir)
+    try:
+        runs = ledger.list_runs()
+    except LedgerError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        ledger.close()
+    if as_json:
+        _echo_json([run.to_json() for run in runs])
+        return
+    table = Table(title=f"fedbrain runs ({len(runs)})")
+    for column in ("run", "artifact", "privacy", "status", "rounds", "epsilon", "reliability"):
+        table.add_column(
+            column, justify="right" if column in ("rounds", "epsilon", "reliability") else "left"
+        )
+    table.add_column("finished")
+    for run in runs:
+        table.add_row(
+            escape(run.run_id),
+            escape(run.artifact_name),
+            run.privacy_level + (f" ({run.dp_unit})" if run.dp_unit else ""),
+            run.status.value,
+            str(run.rounds_recorded),
+            _num(run.final_epsilon),
+            _num(run.reliability, ".2f"),
+            _time(run.finished_at),
+        )
+    Console(width=200).print(table)
+
+
+def _round_row(record: RoundRecord) -> list[str]:
+    reasons = "; ".join(record.reliability_reasons)
+    return [
+        str(record.round),
+        record.status.value,
+        f"{record.sampled}/{record.responded}/{record.dropped}",
+        _num(record.metric("loss"), ".4g"),
+        _num(record.metric("accuracy"), ".3f"),
+        _num(record.epsilon),
+        _num(record.reliability, ".2f"),
+        escape(reasons) or "-",
+    ]
+
+
+@runs_app.command("show")
+def show_command(
+    run_id: Annotated[str, typer.Argument(help="The run to show.")],
+    db: DbOption = None,
+    run_dir: RunDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a run and the table of its rounds."""
+    ledger = _open(db, run_dir)
+    try:
+        run = ledger.get_run(run_id)
+        rounds = ledger.rounds(run_id)
+    except LedgerError as exc:  # RunNotFoundError included
+        raise _fail(str(exc)) from None
+    finally:
+        ledger.close()
+    if as_json:
+        _echo_json({"run": run.to_json(), "rounds": [r.to_json() for r in rounds]})
+        return
+    console = Console(width=200)
+    console.print(
+        f"[bold]{escape(run.run_id)}[/bold]  {escape(run.artifact_name)}"
+        f"  privacy={escape(run.privacy_level)}"
+        f"  status={run.status.value}  epsilon={_num(run.final_epsilon)}"
+        f"  delta={_num(run.delta)}  reliability={_num(run.reliability, '.2f')}",
+        highlight=False,
+    )
+    for reason in run.verdict_reasons:
+        console.print(f"  verdict: {reason}", highlight=False, markup=False)
+    if run.error:
+        console.print(f"  error: {run.error}", highlight=False, markup=False)
+    table = Table(title=f"rounds of {escape(run.run_id)}")
+    for column in ("round", "status", "sampled/responded/dropped", "loss", "accuracy"):
+        table.add_column(column, justify="left" if column == "status" else "right")
+    for column in ("epsilon", "reliability"):
+        table.add_column(column, justify="right")
+    table.add_column("reasons")
+    for record in rounds:
+        table.add_row(*_round_row(record))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the ``runs`` group to the root ``fedbrain`` app."""
+    app.add_typer(runs_app, name="runs")
