@@ -36,6 +36,11 @@ from numpy.typing import NDArray
 
 from aggregation.types import Measurements, Update
 
+try:  # scipy comes with opacus; BLAS axpy makes the weighted mean one pass per client block.
+    from scipy.linalg.blas import saxpy as _saxpy
+except ImportError:  # pragma: no cover - scipy is a declared dependency
+    _saxpy = None
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "AggregateResult",
@@ -312,6 +317,13 @@ class WeightedMean:
                     piece = flat[start:stop]
                     if k == 0:
                         np.multiply(piece, scale[k], out=block, casting="same_kind")
+                    elif (
+                        _saxpy is not None
+                        and piece.dtype == np.float32
+                        and piece.flags.c_contiguous
+                    ):
+                        # BLAS axpy: block += scale * piece in one pass, no scratch round-trip.
+                        _saxpy(piece, block, a=scale[k])
                     else:
                         np.multiply(piece, scale[k], out=tmp, casting="same_kind")
                         np.add(block, tmp, out=block)
