@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Final
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from numpy.typing import NDArray
 
 from aggregation.secagg import Stage
@@ -204,9 +204,13 @@ def weights_to_record(names: Sequence[str], arrays: Sequence[NDArray[np.float32]
     """Weights (in model order) as an ArrayRecord keyed by parameter name."""
     if len(names) != len(arrays):
         raise ValueError(f"{len(names)} names for {len(arrays)} arrays.")
-    return ArrayRecord(
-        {name: np.ascontiguousarray(a) for name, a in zip(names, arrays, strict=True)}
-    )
+    return named_arrays_record(dict(zip(names, arrays, strict=True)))
+
+
+def named_arrays_record(arrays: Mapping[str, NDArray[np.generic]]) -> ArrayRecord:
+    """An ArrayRecord of named numpy arrays, in order (flwr 1.42 wants ``Array`` values)."""
+    # np.asarray(order="C"), not np.ascontiguousarray: the latter turns a 0-d array into 1-d.
+    return ArrayRecord({name: Array(np.asarray(a, order="C")) for name, a in arrays.items()})
 
 
 def record_to_weights(record: ArrayRecord) -> list[NDArray[np.float32]]:
@@ -254,11 +258,11 @@ def secagg_to_content(record: Mapping[str, object], content: RecordDict) -> None
     empty lists are stored as a marker because a ConfigRecord cannot hold an empty list.
     """
     config: dict[str, object] = {}
-    arrays: dict[str, NDArray[np.uint32]] = {}
+    arrays: dict[str, NDArray[np.generic]] = {}
     empty: list[str] = []
     for key, value in record.items():
         if isinstance(value, np.ndarray):
-            arrays[key] = np.ascontiguousarray(value)
+            arrays[key] = np.asarray(value, order="C")
         elif isinstance(value, bool):
             raise TypeError(f"SecAgg record field `{key}` is a bool; not part of the protocol.")
         elif isinstance(value, int):
@@ -275,7 +279,7 @@ def secagg_to_content(record: Mapping[str, object], content: RecordDict) -> None
     if empty:
         config["__empty_lists__"] = empty
     content[SECAGG] = ConfigRecord(config)  # type: ignore[arg-type]
-    content[SECAGG_ARRAYS] = ArrayRecord(arrays)
+    content[SECAGG_ARRAYS] = named_arrays_record(arrays)
 
 
 def secagg_from_content(content: RecordDict) -> dict[str, object]:

@@ -11,9 +11,11 @@ from clients.protocol import (
     NodeInfo,
     RoundConfig,
     from_wire_int,
+    record_to_weights,
     secagg_from_content,
     secagg_to_content,
     to_wire_int,
+    weights_to_record,
 )
 
 
@@ -76,3 +78,24 @@ def test_round_config_and_node_info_round_trip_and_reject_bad_records() -> None:
 def test_missing_secagg_record_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no `secagg` ConfigRecord"):
         secagg_from_content(RecordDict())
+
+
+def test_weights_and_uint32_arrays_survive_records() -> None:
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array(1.5, dtype=np.float32)]
+    record = weights_to_record(["a", "b"], arrays)
+    back = record_to_weights(record)
+    assert list(record.keys()) == ["a", "b"]
+    assert all(np.array_equal(x, y) for x, y in zip(arrays, back, strict=True))
+    content = RecordDict()
+    masked = np.array([0, 2**32 - 1, 7], dtype=np.uint32)
+    secagg_record: dict[str, object] = {
+        "stage": "masked_input",
+        "masked_input": masked,
+        "node_id": 2**64 - 1,
+    }
+    secagg_to_content(secagg_record, content)
+    record_back = secagg_from_content(content)
+    assert np.array_equal(record_back["masked_input"], masked)  # type: ignore[arg-type]
+    assert record_back["node_id"] == 2**64 - 1
+    with pytest.raises(ValueError, match="must be float32"):
+        record_to_weights(weights_to_record(["x"], [np.zeros(2, dtype=np.float64)]))
