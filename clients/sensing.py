@@ -14,10 +14,41 @@ per-feature counts).
 Numerics: the variance is ``sum_sq / n - mean**2`` in float64 (clamped at 0). For features
 whose mean is large against their spread (|mean| / std > ~1e6) this loses precision; centre
 such features with a published offset first.
+
+Per-example contributions (what a sensing node sends in a federated round)
+--------------------------------------------------------------------------
+
+For example-level differential privacy on the aggregate, a node contributes the *sum over its
+examples* of one bounded vector per example, ``[1, u_1..u_F, q_1..q_F]`` (length ``1 + 2F``),
+where ``u_f`` and ``q_f`` are the example's first and second moments of feature ``f`` after
+mapping its values into [0, 1] with a fixed public range per feature (:class:`FeatureRanges`;
+values outside the range are clipped into it). Each per-example vector is L2-clipped to the
+round's clipping norm before summing (:func:`clipped_sum`), so one example moves a node's sum
+by at most C; with every ``u, q`` in [0, 1] its norm is at most ``sqrt(1 + 2F)``
+(:func:`contribution_bound`), and a C at least that large clips nothing. The summed vector
+(plus the server's noise) becomes a :class:`Normalizer` in original units
+(:func:`normalizer_from_moment_sum`):
+
+- camera (``sensing-camera-preproc-v1``, F = 3, features red/green/blue, range [0, 1]): per
+  image, per channel, the mean of its pixel values (in [0, 1]) and the mean of their squares.
+  All images have the same number of pixels, so the sums give the exact pooled pixel mean and
+  variance. Vector length 7.
+- audio (``sensing-audio-preproc-v1``, F = 40 log-mel bins ``mel_000..mel_039``, range
+  :data:`LOG_MEL_RANGE` = [ln 1e-10, ln 1e6] for every bin): per clip, per bin, the mean over
+  its frames of the mapped log-mel value (:func:`log_mel_spectrogram`, 25 ms / 10 ms at 16 kHz)
+  and the mean of its square. The normalizer's variance is the frame-level variance with every
+  clip weighted equally (exact when clips have the same length). The upper end bounds any
+  full-scale signal: the STFT power of a Hann window of 400 samples is at most 200^2 per bin and
+  a filter of peak 1 covers fewer than 25 bins. Vector length 81.
+- IoT (``sensing-iot-normalizer-v1``, F = 5, :data:`IOT_RANGES`: temperature_c [-40, 85],
+  humidity_pct [0, 100], pressure_hpa [800, 1100], co2_ppm [0, 5000], accel_x_g [-2, 2]): per
+  CSV row (one example), the mapped reading and its square. Rows with an empty cell in these
+  columns are left out. Vector length 11.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +60,31 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from clients.demo_data import SENSOR_COLUMNS
+
 __all__ = [
+    "CAMERA_RANGES",
+    "IOT_RANGES",
+    "LOG_MEL_RANGE",
+    "FeatureRanges",
     "FeatureStats",
     "Normalizer",
+    "audio_example_moments",
+    "audio_ranges",
     "audio_stats",
+    "camera_example_moments",
     "camera_stats",
+    "clipped_sum",
     "combine_stats",
+    "contribution_bound",
+    "contribution_length",
+    "example_contributions",
+    "iot_example_moments",
     "iot_stats",
     "load_normalizer",
     "log_mel_spectrogram",
     "mel_filterbank",
+    "normalizer_from_moment_sum",
     "normalizer_from_stats",
 ]
 
@@ -267,4 +313,171 @@ def normalizer_from_stats(total: FeatureStats) -> Normalizer:
         mean=mean,
         std=np.sqrt(variance),
         count=total.count.copy(),
+    )
+
+
+# ------------------------------------------------------------ per-example contributions
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FeatureRanges:
+    """Public value ranges ``[low, high]`` per feature; :meth:`to_unit` maps them onto [0, 1]."""
+
+    features: tuple[str, ...]
+    low: FloatArray
+    high: FloatArray
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        if self.low.shape != (n,) or self.high.shape != (n,):
+            raise ValueError(f"low and high must each have shape ({n},).")
+        if not (np.all(np.isfinite(self.low)) and np.all(self.high > self.low)):
+            raise ValueError("Every range must be finite with high > low.")
+
+    @classmethod
+    def uniform(cls, features: Sequence[str], low: float, high: float) -> FeatureRanges:
+        """The same range for every feature."""
+        n = len(features)
+        return cls(tuple(features), np.full(n, float(low)), np.full(n, float(high)))
+
+    def to_unit(self, values: npt.ArrayLike) -> FloatArray:
+        """``(values - low) / (high - low)`` over the last axis, clipped into [0, 1]."""
+        scaled = (np.asarray(values, np.float64) - self.low) / (self.high - self.low)
+        return np.clip(scaled, 0.0, 1.0)
+
+
+CAMERA_RANGES = FeatureRanges.uniform(("red", "green", "blue"), 0.0, 1.0)
+"""Camera features: RGB pixel values, already in [0, 1]."""
+
+LOG_MEL_RANGE: tuple[float, float] = (math.log(1e-10), math.log(1e6))
+"""The public range of natural-log mel power (the floor of :func:`log_mel_spectrogram` up to
+a bound on any full-scale signal; see the module docstring)."""
+
+IOT_RANGES = FeatureRanges(
+    SENSOR_COLUMNS,
+    np.array([-40.0, 0.0, 800.0, 0.0, -2.0]),
+    np.array([85.0, 100.0, 1100.0, 5000.0, 2.0]),
+)
+"""IoT features: the demo sensor columns and their public physical ranges."""
+
+
+def audio_ranges(n_mels: int = 40) -> FeatureRanges:
+    """Audio features: ``n_mels`` log-mel bins, each with :data:`LOG_MEL_RANGE`."""
+    return FeatureRanges.uniform([f"mel_{i:03d}" for i in range(n_mels)], *LOG_MEL_RANGE)
+
+
+def contribution_length(num_features: int) -> int:
+    """Length ``1 + 2F`` of a per-example contribution (and of a node's sum)."""
+    return 1 + 2 * num_features
+
+
+def contribution_bound(num_features: int) -> float:
+    """The largest L2 norm of an unclipped contribution, ``sqrt(1 + 2F)``."""
+    return math.sqrt(contribution_length(num_features))
+
+
+def camera_example_moments(
+    images: npt.NDArray[np.uint8] | FloatArray,
+) -> tuple[FloatArray, FloatArray]:
+    """Per image ``(N, H, W, 3)``: each channel's mean pixel value and mean squared value.
+
+    uint8 images are scaled to [0, 1]; float images must already be in [0, 1] (clipped).
+    Returns two ``(N, 3)`` float64 arrays.
+    """
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"images must have shape (N, H, W, 3). Found {arr.shape}.")
+    scaled = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
+    unit = CAMERA_RANGES.to_unit(scaled)
+    return unit.mean(axis=(1, 2)), np.square(unit).mean(axis=(1, 2))
+
+
+def audio_example_moments(
+    clips: Sequence[npt.ArrayLike], *, sample_rate: int, n_mels: int = 40
+) -> tuple[FloatArray, FloatArray]:
+    """Per clip (1-d waveforms, any lengths): each log-mel bin's mean mapped value over the
+    clip's frames and the mean of its square. Returns two ``(N, n_mels)`` float64 arrays."""
+    ranges = audio_ranges(n_mels)
+    first = np.empty((len(clips), n_mels))
+    second = np.empty((len(clips), n_mels))
+    for i, clip in enumerate(clips):
+        wave = torch.as_tensor(np.asarray(clip, dtype=np.float64)).reshape(1, -1)
+        logmel = log_mel_spectrogram(wave, sample_rate=sample_rate, n_mels=n_mels)[0]
+        unit = ranges.to_unit(logmel.numpy().T)  # (frames, n_mels)
+        first[i] = unit.mean(axis=0)
+        second[i] = np.square(unit).mean(axis=0)
+    return first, second
+
+
+def iot_example_moments(values: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Per sensor row ``(N, 5)`` in :data:`IOT_RANGES` column order: the mapped readings and
+    their squares (one reading per example). Rows must be complete (no NaN)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != len(IOT_RANGES.features):
+        raise ValueError(
+            f"values must have shape (N, {len(IOT_RANGES.features)}). Found {arr.shape}."
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("Sensor rows must be complete (no NaN/Inf); leave out rows with gaps.")
+    unit = IOT_RANGES.to_unit(arr)
+    return unit, np.square(unit)
+
+
+def example_contributions(first: FloatArray, second: FloatArray) -> FloatArray:
+    """Per-example vectors ``[1, u_1..u_F, q_1..q_F]``, shape ``(N, 1 + 2F)`` (float64)."""
+    if first.shape != second.shape or first.ndim != 2:
+        raise ValueError(
+            f"Moments must be two (N, F) arrays of equal shape. Found {first.shape}, "
+            f"{second.shape}."
+        )
+    return np.concatenate([np.ones((first.shape[0], 1)), first, second], axis=1)
+
+
+def clipped_sum(contributions: FloatArray, *, clipping_norm: float) -> FloatArray:
+    """The sum of the rows of ``contributions``, each first scaled to L2 norm at most
+    ``clipping_norm`` (0 = no clipping). One example then moves the sum by at most C."""
+    rows = np.asarray(contributions, dtype=np.float64)
+    if rows.ndim != 2:
+        raise ValueError(f"contributions must be 2-d (N, D). Found shape {rows.shape}.")
+    if not (math.isfinite(clipping_norm) and clipping_norm >= 0):
+        raise ValueError(f"`clipping_norm` must be >= 0 (0 = no clipping). Found {clipping_norm}.")
+    if clipping_norm > 0:
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        scale = np.minimum(1.0, clipping_norm / np.maximum(norms, np.finfo(np.float64).tiny))
+        rows = rows * scale
+    out: FloatArray = rows.sum(axis=0)
+    return out
+
+
+def normalizer_from_moment_sum(ranges: FeatureRanges, summed: npt.ArrayLike) -> Normalizer:
+    """The :class:`Normalizer` (original units) of a summed contribution vector.
+
+    ``summed = [n, sum u, sum q]`` (possibly with DP noise): mean ``u = sum u / n`` (clipped
+    into [0, 1]), variance ``sum q / n - u^2`` clamped at 0 (noise can make it negative), then
+    ``mean = low + (high - low) * u`` and ``std = (high - low) * sqrt(variance)``. Raises
+    ``ValueError`` for a wrong length, a non-finite value or a count that is not positive.
+    """
+    f = len(ranges.features)
+    v = np.asarray(summed, dtype=np.float64)
+    if v.shape != (contribution_length(f),):
+        raise ValueError(
+            f"Expected a summed vector of shape ({contribution_length(f)},) for features "
+            f"{list(ranges.features)}. Found {v.shape}."
+        )
+    if not np.all(np.isfinite(v)):
+        raise ValueError("The summed statistics contain NaN or Inf.")
+    count = float(v[0])
+    if not count > 0:
+        raise ValueError(
+            f"The summed example count is {count:g}: no examples were aggregated (or the noise "
+            "outweighs them); a normalizer needs a positive count."
+        )
+    mean_u = np.clip(v[1 : 1 + f] / count, 0.0, 1.0)
+    variance_u = np.maximum(v[1 + f :] / count - np.square(mean_u), 0.0)
+    width = ranges.high - ranges.low
+    return Normalizer(
+        features=ranges.features,
+        mean=ranges.low + width * mean_u,
+        std=width * np.sqrt(variance_u),
+        count=np.full(f, count),
     )
