@@ -1,0 +1,250 @@
+"""The federator-agg ServerApp: Flower's entry point to :func:`server.federator.run_federation`.
+
+Two ways in:
+
+- :func:`make_server_app` -- for simulations: the job and the run options are given as
+  objects; the app's main runs the job on the Grid Flower hands it and appends the
+  :class:`~server.options.JobOutcome` to ``outcomes``.
+- ``app`` -- for deployment (``flwr run .`` loads ``server.app:app``): the job and the options
+  come from the run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, overridden with
+  ``flwr run . --run-config ...``).
+
+Run-config keys of ``app``:
+
+==================================  ========  ==========================================
+key                                 type      meaning (default)
+==================================  ========  ==========================================
+``job.<field>``                     various   the job: every :class:`~manifests.jobspec.JobSpec`
+                                              field under ``job.``, tables dotted
+                                              (``job.component``, ``job.dp.clipping_norm``,
+                                              ``job.federation.num_rounds``, ...)
+``fedbrain.run-dir``                str       run directory (ledger, checkpoints, bundle);
+                                              required
+``fedbrain.signing-key``            str       PEM Ed25519 private key that signs the bundle
+                                              ("" or absent: the artifact is not signed)
+``fedbrain.trusted-keys``           str       trusted-keys file to verify the bundle with
+                                              ("" or absent: not verified)
+``fedbrain.database-url``           str       ledger URL (default: ``<run-dir>/ledger.sqlite``)
+``fedbrain.seed``                   int       seed of sampling and round seeds (0)
+``fedbrain.deterministic-noise``    bool      seed the DP noise too -- tests only (false)
+``fedbrain.resume``                 bool      continue from the last checkpoint (false)
+``fedbrain.run-id``                 str       the run's id (generated; with resume: the run
+                                              to continue)
+``fedbrain.round-timeout``          float     seconds to wait for one batch of replies (600)
+``fedbrain.node-wait-timeout``      float     seconds to wait for enough nodes (120)
+``fedbrain.min-nodes``              int       nodes to wait for (the job's clients per round)
+``fedbrain.stop-on-aborted-round``  bool      stop the run when a round aborts (false)
+==================================  ========  ==========================================
+
+Paths are relative to the SuperLink's working directory. Invalid settings raise
+:class:`ServerConfigError` listing every problem before anything runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from manifests.jobspec import JobSpec, JobSpecError, RunConfigValue
+from server.federator import run_federation
+from server.options import JobOutcome, ProgressEvent, RunOptions
+
+__all__ = [
+    "JOB_PREFIX",
+    "OPTION_KEYS",
+    "ServerConfigError",
+    "app",
+    "make_server_app",
+    "options_from_run_config",
+]
+
+logger = logging.getLogger(__name__)
+
+JOB_PREFIX: Final = "job"
+_PREFIX: Final = "fedbrain."
+OPTION_KEYS: Final = (
+    "run-dir",
+    "signing-key",
+    "trusted-keys",
+    "database-url",
+    "seed",
+    "deterministic-noise",
+    "resume",
+    "run-id",
+    "round-timeout",
+    "node-wait-timeout",
+    "min-nodes",
+    "stop-on-aborted-round",
+)
+
+
+class ServerConfigError(ValueError):
+    """Invalid ServerApp run config; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__(
+            "Invalid fedbrain ServerApp run config:\n" + "\n".join(f"- {p}" for p in problems)
+        )
+
+
+def make_server_app(
+    job: JobSpec,
+    options: RunOptions,
+    *,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    outcomes: list[JobOutcome] | None = None,
+) -> ServerApp:
+    """A ServerApp that runs ``job`` with ``options`` (simulations); each run's outcome is
+    appended to ``outcomes`` when given."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        outcome = run_federation(grid, job, options, progress=progress)
+        if outcomes is not None:
+            outcomes.append(outcome)
+
+    return server_app
+
+
+def _text(config: Mapping[str, RunConfigValue], key: str, problems: list[str]) -> str | None:
+    value = config.get(_PREFIX + key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        problems.append(f"{_PREFIX}{key}: must be text. Found {value!r}.")
+        return None
+    return value
+
+
+def _flag(config: Mapping[str, RunConfigValue], key: str, problems: list[str]) -> bool:
+    value = config.get(_PREFIX + key, False)
+    if not isinstance(value, bool):
+        problems.append(f"{_PREFIX}{key}: must be true or false. Found {value!r}.")
+        return False
+    return value
+
+
+def _number(
+    config: Mapping[str, RunConfigValue],
+    key: str,
+    problems: list[str],
+    *,
+    default: float,
+    integer: bool = False,
+    minimum: float = 0.0,
+) -> float:
+    value = config.get(_PREFIX + key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+    ):
+        what = "a whole number" if integer else "a number"
+        problems.append(f"{_PREFIX}{key}: must be {what}. Found {value!r}.")
+        return default
+    if not value >= minimum:
+        problems.append(f"{_PREFIX}{key}: must be >= {minimum:g}. Found {value!r}.")
+        return default
+    return float(value)
+
+
+def options_from_run_config(config: Mapping[str, RunConfigValue]) -> RunOptions:
+    """The :class:`RunOptions` in a run config's ``fedbrain.*`` keys (see the module doc)."""
+    problems: list[str] = []
+    unknown = sorted(
+        k for k in config if k.startswith(_PREFIX) and k.removeprefix(_PREFIX) not in OPTION_KEYS
+    )
+    for key in unknown:
+        problems.append(f"{key}: is not a fedbrain setting (known: {', '.join(OPTION_KEYS)}).")
+    run_dir = _text(config, "run-dir", problems)
+    if run_dir is None and not any(p.startswith(f"{_PREFIX}run-dir") for p in problems):
+        problems.append(f"{_PREFIX}run-dir: is required (where the ledger and bundle go).")
+    signing_key = _text(config, "signing-key", problems)
+    trusted_keys = _text(config, "trusted-keys", problems)
+    for key, path in (("signing-key", signing_key), ("trusted-keys", trusted_keys)):
+        if path is not None and not Path(path).expanduser().is_file():
+            problems.append(f"{_PREFIX}{key}: no such file {path!r}.")
+    seed = _number(config, "seed", problems, default=0, integer=True)
+    round_timeout = _number(config, "round-timeout", problems, default=600.0, minimum=1e-3)
+    wait = _number(config, "node-wait-timeout", problems, default=120.0)
+    min_nodes_value = config.get(_PREFIX + "min-nodes")
+    min_nodes = None
+    if min_nodes_value is not None:
+        min_nodes = int(_number(config, "min-nodes", problems, default=1, integer=True, minimum=1))
+    options = {
+        "deterministic_noise": _flag(config, "deterministic-noise", problems),
+        "resume": _flag(config, "resume", problems),
+        "stop_on_aborted_round": _flag(config, "stop-on-aborted-round", problems),
+    }
+    database_url = _text(config, "database-url", problems)
+    run_id = _text(config, "run-id", problems)
+    if problems or run_dir is None:
+        raise ServerConfigError(problems)
+    return RunOptions(
+        run_dir=Path(run_dir).expanduser(),
+        signing_key=None if signing_key is None else Path(signing_key).expanduser(),
+        trusted_keys=None if trusted_keys is None else Path(trusted_keys).expanduser(),
+        database_url=database_url,
+        seed=int(seed),
+        round_timeout=round_timeout,
+        node_wait_timeout=wait,
+        min_nodes=min_nodes,
+        run_id=run_id,
+        **options,
+    )
+
+
+def _log_progress(event: ProgressEvent) -> None:
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(event.metrics.items()))
+    where = f"round {event.server_round}/{event.num_rounds}" if event.server_round else ""
+    logger.info(
+        "[%s] %s %s %s %s",
+        event.artifact_name,
+        event.kind.value,
+        " ".join(p for p in (where, event.stage) if p),
+        metrics,
+        event.message,
+    )
+
+
+def _from_context(context: Context) -> tuple[JobSpec, RunOptions]:
+    config: Mapping[str, RunConfigValue] = dict(context.run_config)
+    problems: list[str] = []
+    job: JobSpec | None = None
+    try:
+        job = JobSpec.from_run_config(config, prefix=JOB_PREFIX)
+    except JobSpecError as exc:
+        problems.extend(f"{JOB_PREFIX}.{p}" for p in exc.problems)
+    options: RunOptions | None = None
+    try:
+        options = options_from_run_config(config)
+    except ServerConfigError as exc:
+        problems.extend(exc.problems)
+    if problems or job is None or options is None:
+        raise ServerConfigError(problems)
+    return job, options
+
+
+app = ServerApp()
+"""The deployment ServerApp (``server.app:app``); configured by the run config."""
+
+
+@app.main()
+def _main(grid: Grid, context: Context) -> None:
+    job, options = _from_context(context)
+    outcome = run_federation(grid, job, options, progress=_log_progress)
+    logger.info(
+        "Run %s of %s: %s after %d round(s)%s",
+        outcome.run_id,
+        outcome.artifact_name,
+        outcome.status.value,
+        outcome.rounds_completed,
+        "".join(f"; {r}" for r in outcome.reasons),
+    )
