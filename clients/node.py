@@ -24,10 +24,13 @@ could recompute would protect nothing (Abadi et al. 2016 assume both are secret)
 example-level epsilon composes over every DP-SGD step it has taken in the run (RDP, Opacus) and
 is reported at ``round.dp_delta``.
 
-Embed jobs train with NT-Xent (no labels). Example-level DP needs a loss that keeps examples
-apart, so when the job's DP unit is ``example`` the model gets a classifier head over the
-modality's label space (:data:`EXAMPLE_DP_CLASSES`) and trains with cross-entropy; class
-folders named ``<k>-<name>`` (the demo layout) give label ``k`` on every node.
+Embed jobs train supervised when labels exist (the learning form's rule): the model gets a
+classifier head over the modality's label space (:data:`LABEL_CLASSES`) and trains with
+cross-entropy; the embedding is the projection before the head. Class folders named
+``<k>-<name>`` (the demo layout) give label ``k`` on every node. A job that lists
+``augmentations`` asks for contrastive training instead (NT-Xent over two augmented views, no
+labels) -- except under example-level DP, where NT-Xent cannot be used (it mixes the examples
+of a batch, so one example's influence is unbounded) and the job stays supervised.
 
 Sensing jobs train no model: a node sends the clipped sum of per-example statistics described
 in :mod:`clients.sensing` (:func:`sensing_contribution`); the server turns the global sum into
@@ -113,8 +116,8 @@ from manifests.jobspec import DpUnit, JobSpec
 __all__ = [
     "AUDIO_CLIP_SECONDS",
     "DEFAULT_CAMERA_INPUT_SIZE",
-    "EXAMPLE_DP_CLASSES",
     "HOLDOUT_FRACTION",
+    "LABEL_CLASSES",
     "PRECLIP_NORM",
     "SENSING_N_MELS",
     "SENSING_UPDATE",
@@ -149,12 +152,12 @@ AUDIO_CLIP_SECONDS: Final = 1.0
 DEFAULT_CAMERA_INPUT_SIZE: Final = 224
 """Image side the camera statistics are computed at when the job sets no ``input_size``."""
 SENSING_N_MELS: Final = 40
-EXAMPLE_DP_CLASSES: Final[Mapping[Modality, int]] = {
+LABEL_CLASSES: Final[Mapping[Modality, int]] = {
     Modality.VISION: len(VISION_CLASSES),
     Modality.AUDIO: len(AUDIO_CLASSES),
     Modality.TEXT: len(TEXT_TOPICS),
 }
-"""Classifier size of embed models trained with example-level DP, per modality."""
+"""Classifier size of supervised embed models, per modality (the demo data's label spaces)."""
 
 SENSING_UPDATE: Final = "statistics"
 """Name of the one array in a sensing node's ``update`` record (``train.fit``)."""
@@ -345,14 +348,15 @@ def model_spec_for_job(job: JobSpec) -> ModelSpec:
     """The model a (non-sensing) job trains; server and nodes build it alike.
 
     The learning form's architecture and input fields override the base config. Embed jobs
-    whose DP unit is ``example`` get a classifier head over :data:`EXAMPLE_DP_CLASSES`.
+    trained supervised (see the module docstring) get a classifier head over
+    :data:`LABEL_CLASSES`.
     """
     modality = modality_for_job(job)
     if _is_sensing(job):
         raise ValueError(f"{job.catalog_entry.id} is a sensing job: it trains no model.")
     num_classes = None
-    if job.task is Task.EMBED and _example_dp(job):
-        num_classes = EXAMPLE_DP_CLASSES[modality]
+    if job.task is Task.EMBED and (not job.augmentations or _example_dp(job)):
+        num_classes = LABEL_CLASSES[modality]
     return spec_for_base_model(
         job.base_model,
         hidden_size=job.hidden_size,

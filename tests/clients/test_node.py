@@ -152,17 +152,20 @@ def test_each_trainable_job_reads_its_modality_folder_and_detection_is_refused()
         model_spec_for_job(sensing_job("camera"))
 
 
-def test_example_level_dp_gives_embed_models_a_classifier_head() -> None:
-    plain = model_spec_for_job(vit_job())
+def test_embed_is_supervised_unless_augmentations_ask_for_contrastive_without_example_dp() -> None:
+    supervised = model_spec_for_job(vit_job())
+    contrastive = model_spec_for_job(vit_job(augmentations=["flip", "crop"]))
     private = model_spec_for_job(
         vit_job(
+            augmentations=["flip"],
             privacy_level="dp",
             dp={"unit": "example", "clipping_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5},
         )
     )
-    assert plain.num_classes is None and private.num_classes == 10
-    assert plain.resolved_hidden_size == 32 and plain.resolved_input_size == 32
-    assert model_fingerprint(plain) != model_fingerprint(private)
+    assert supervised.num_classes == 10 and private.num_classes == 10
+    assert contrastive.num_classes is None  # NT-Xent over two augmented views
+    assert supervised.resolved_hidden_size == 32 and supervised.resolved_input_size == 32
+    assert model_fingerprint(contrastive) != model_fingerprint(supervised)
 
 
 def test_holdout_split_is_deterministic_per_class_and_disjoint() -> None:
