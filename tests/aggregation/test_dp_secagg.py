@@ -13,10 +13,10 @@ from numpy.typing import NDArray
 from aggregation.accountant import PrivacyAccountant
 from aggregation.dp import (
     CentralDP,
+    ClipStats,
     DPMeasurement,
     FixedClipping,
     clip_for_submission,
-    split_clip_stats,
 )
 from aggregation.secagg import SecAggParams, Stage, run_secagg_round
 
@@ -58,9 +58,10 @@ def test_dp_round_with_dropouts_is_noised_not_discarded(dropouts: dict[int, Stag
     assert contributors == expected_contributors
 
     secure_sum = outcome.dequantized_sum(params)
-    total, stats = split_clip_stats(
-        [secure_sum[:P], secure_sum[P : P + 1].reshape(()), secure_sum[P + 1 :].reshape(())]
-    )
+    # The two trailing coordinates are the clip statistics (ClippedUpdate.summable); split in
+    # float64 so the comparison below is not limited by float32 rounding of the sum.
+    total = [secure_sum[:P]]
+    stats = ClipStats(num_clipped=round(float(secure_sum[P])), norm_sum=float(secure_sum[P + 1]))
     plain = np.sum([inputs[n][:P].astype(np.float64) for n in contributors], axis=0)
     step = params.quantization_step
     # Stochastic rounding moves each coordinate of each summand by less than one step.
