@@ -1,9 +1,10 @@
-# fedbrain: `make demo` sets up .venv and runs the main job; `make test` sets up .venv and runs
+# fedbrain: `make demo` sets up .venv and runs the main job (`fedbrain simulate` on the embedded
+# default scenario); `make test` sets up .venv and runs
 # the test suite with the linters. Both need only python3.11 on the PATH.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-OUT ?= runs/demo
+OUT ?= runs/simulate
 
 .PHONY: demo test lint typecheck setup clean
 
@@ -18,7 +19,7 @@ $(BIN)/fedbrain: pyproject.toml
 setup: $(BIN)/fedbrain
 
 demo: setup
-	$(BIN)/fedbrain demo --out $(OUT)
+	$(BIN)/fedbrain simulate --out $(OUT)
 
 lint: setup
 	$(BIN)/ruff check .
