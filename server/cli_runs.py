@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clients.protocol import EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS
 from server.ledger import JSONValue, Ledger, LedgerError, RoundRecord
 
 __all__ = ["register", "runs_app"]
@@ -122,14 +123,23 @@ def list_command(
     Console(width=200).print(table)
 
 
+def _first(record: RoundRecord, names: tuple[str, ...]) -> float | None:
+    """The first of ``names`` the round recorded (the federator writes the wire names)."""
+    for name in names:
+        value = record.metric(name)
+        if value is not None:
+            return value
+    return None
+
+
 def _round_row(record: RoundRecord) -> list[str]:
     reasons = "; ".join(record.reliability_reasons)
     return [
         str(record.round),
         record.status.value,
         f"{record.sampled}/{record.responded}/{record.dropped}",
-        _num(record.metric("loss"), ".4g"),
-        _num(record.metric("accuracy"), ".3f"),
+        _num(_first(record, (EVAL_LOSS, TRAIN_LOSS, "loss")), ".4g"),
+        _num(_first(record, (EVAL_ACCURACY, "accuracy")), ".3f"),
         _num(record.epsilon),
         _num(record.reliability, ".2f"),
         escape(reasons) or "-",

@@ -43,7 +43,10 @@ def run_dir(tmp_path: Path) -> Path:
                     sampled=5,
                     responded=4,
                     dropped_by_stage={"train": 1},
-                    metrics={"train": {"loss": 2.0}, "eval": {"loss": loss, "accuracy": 0.61}},
+                    metrics={
+                        "train": {"train_loss": 2.0},
+                        "eval": {"eval_loss": loss, "eval_accuracy": 0.61},
+                    },
                     epsilon=0.5 * number,
                     reliability=0.75,
                     reliability_reasons=("[low] participation 80%",),
@@ -103,7 +106,7 @@ def test_runs_show_json_has_the_run_and_strict_json_rounds(run_dir: Path) -> Non
     document = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert document["run"]["run_id"] == "run-a"
     assert [r["round"] for r in document["rounds"]] == [1, 2]
-    assert document["rounds"][1]["metrics"]["eval"]["loss"] == 0.7
+    assert document["rounds"][1]["metrics"]["eval"]["eval_loss"] == 0.7
     assert document["rounds"][0]["noise_to_signal"] == "Infinity"
     assert document["rounds"][0]["participants"][0]["node_id"] == 3
 
