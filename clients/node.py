@@ -239,12 +239,19 @@ class Fault:
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """A node: its type, its data folder, a display name and faults to inject."""
+    """A node: its type, its data folder, a display name and faults to inject.
+
+    ``noop_training``: a protocol drill -- the node answers every message as usual (node info,
+    the SecAgg+ stages, evaluation) but skips local training: its update is all zeros and its
+    evaluation reports only the example count. For benchmarks of the protocol and for checking
+    a deployment end to end without spending compute.
+    """
 
     node_type: NodeType
     data_dir: Path
     name: str = ""
     faults: tuple[Fault, ...] = ()
+    noop_training: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -265,8 +272,9 @@ class NodeConfig:
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, str | int | float | bool]) -> NodeConfig:
-        """Read a SuperNode's ``node_config``: ``node-type``, ``data-dir``, optional ``name``
-        and ``fail-on`` (comma-separated faults, e.g. ``"train.secagg_masked@2"``)."""
+        """Read a SuperNode's ``node_config``: ``node-type``, ``data-dir``, optional ``name``,
+        ``fail-on`` (comma-separated faults, e.g. ``"train.secagg_masked@2"``) and
+        ``noop-training`` (bool)."""
         problems: list[str] = []
 
         def text(key: str, *, required: bool) -> str:
@@ -290,10 +298,17 @@ class NodeConfig:
                     faults.append(Fault.parse(item))
                 except NodeConfigError as error:
                     problems.append(str(error))
+        noop = node_config.get("noop-training", False)
+        if not isinstance(noop, bool):
+            problems.append(f"noop-training: must be true or false. Found {noop!r}.")
         if not problems:
             try:
                 return cls(
-                    cast(NodeType, node_type), Path(data_dir).expanduser(), name, tuple(faults)
+                    cast(NodeType, node_type),
+                    Path(data_dir).expanduser(),
+                    name,
+                    tuple(faults),
+                    noop_training=bool(noop),
                 )
             except NodeConfigError as error:
                 problems.append(str(error))
@@ -813,6 +828,19 @@ class Node:
         data = _model_data(job, spec, self.config.data_dir)
         model = build_model(spec)
         names, global_arrays = _check_weights(weight_names(model), weights)
+        if self.config.noop_training:
+            zeros = [np.zeros_like(a) for a in global_arrays]
+            return FitResult(
+                names=names,
+                update=tuple(zeros),
+                summable=summable_vector(zeros, was_clipped=False, preclip_norm=0.0),
+                metrics={
+                    protocol.NUM_EXAMPLES: len(data.train),
+                    PRECLIP_NORM: 0.0,
+                    WAS_CLIPPED: 0.0,
+                    protocol.TRAIN_SECONDS: 0.0,
+                },
+            )
         set_weights(model, global_arrays)
         n = len(data.train)
         if n == 0:
@@ -932,6 +960,8 @@ class Node:
         data = _model_data(job, spec, self.config.data_dir)
         model = build_model(spec)
         set_weights(model, _check_weights(weight_names(model), weights)[1])
+        if self.config.noop_training:
+            return {protocol.NUM_EXAMPLES: len(data.held_out)}
         if len(data.held_out) == 0:
             raise ValueError(
                 f"The node holds out no evaluation examples ({len(data.train)} in all; it "

@@ -307,3 +307,27 @@ def test_iot_nodes_need_the_public_sensor_columns(tmp_path: Path) -> None:
     info = node.node_info(sensing_job("iot"))
     assert not info.eligible and "lack the columns" in info.reason
     assert "humidity_pct" in info.reason
+
+
+def test_noop_training_node_answers_with_a_zero_update_and_no_evaluation(tmp_path: Path) -> None:
+    from clients.models import build_model, get_weights, weight_names
+    from clients.node import NodeState
+    from clients.protocol import NUM_EXAMPLES, RoundConfig
+
+    write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
+    job = vit_job()
+    config = NodeConfig.from_flower(
+        {"node-type": "encoder", "data-dir": str(tmp_path), "noop-training": True}
+    )
+    assert config.noop_training
+    model = build_model(model_spec_for_job(job), seed=3)
+    weights = list(zip(weight_names(model), get_weights(model), strict=True))
+    node = Node(config, node_id=5)
+    result = node.fit(job, RoundConfig(server_round=1, seed=1), weights, NodeState())
+    assert [a.shape for a in result.update] == [w.shape for _, w in weights]
+    assert all(not a.any() for a in result.update)
+    assert result.summable.shape == (sum(w.size for _, w in weights) + 2,)
+    assert not result.summable.any()
+    assert node.evaluate(job, RoundConfig(server_round=1, seed=1), weights) == {NUM_EXAMPLES: 10}
+    with pytest.raises(NodeConfigError, match="noop-training: must be true or false"):
+        NodeConfig.from_flower({"node-type": "encoder", "data-dir": "x", "noop-training": "yes"})
