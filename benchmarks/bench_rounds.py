@@ -1,0 +1,576 @@
+"""Round time in Flower's Simulation Engine with no-op training: SecAgg+ against a plain round.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_rounds.py                  # Flower and fedbrain
+    .venv/bin/python benchmarks/bench_rounds.py --only flower    # Flower's two rows only
+    .venv/bin/python benchmarks/bench_rounds.py --quick          # N = 5, P = 1e4: a sanity run
+
+Four ``flwr.simulation.run_simulation`` runs, one after the other in this process (Ray
+backend, ``client_resources.num_cpus = 1``, Ray given every core), each with N virtual nodes
+whose training is a no-op (the reply carries the received P float32 values unchanged), so
+the round time is the protocol's: messages, serialization, masking, unmasking, aggregation.
+
+1. **Flower SecAgg+**: the legacy path, a ServerApp running ``DefaultWorkflow(fit_workflow=
+   SecAggPlusWorkflow(...))`` on a ``LegacyContext`` with the legacy ``FedAvg``; a ClientApp
+   from a ``NumPyClient`` whose ``fit`` returns its input, with ``mods=[secaggplus_mod]``.
+2. **Flower plain**: the Message API ``flwr.serverapp.strategy.FedAvg`` and a Message API
+   ClientApp replying its ``ArrayRecord`` unchanged.
+3. **fedbrain SecAgg+** and 4. **fedbrain plain**: fedbrain's own ServerApp and ClientApp
+   (``server.app.make_server_app``, ``clients.app.make_client_app``) with ``privacy_level``
+   ``secure-agg`` and ``none`` -- see :func:`fedbrain_run`.
+
+Parameters: k = min(N-1, 2*ceil(log2 N)) neighbours and threshold t = k//2 + 1 (fedbrain's
+``SecAggParams``: t counts shares among the k+1 holders, the client itself and its k
+neighbours). Flower's ``num_shares`` is the size of that same closed neighbourhood: its
+workflow links each node to the ``num_shares >> 1`` nodes on either side of it in a shuffled
+ring, *including itself* (offset 0), and every client keeps one share of its own secrets; its
+``reconstruction_threshold`` counts among those ``num_shares`` shares, as fedbrain's t does.
+So ``num_shares = k + 1`` (odd whenever k is even, as Flower wants) and
+``reconstruction_threshold = t``: at N = 20, k = 10 -> num_shares = 11, t = 6.
+
+Timing, from the ServerApp's side (its thread runs in this process): for each round the time
+from the start of sampling to the aggregated parameters -- Flower SecAgg+: the whole
+``fit_workflow`` call (configure_fit, the four stages, aggregate_fit); Flower plain: from
+``configure_train`` to the end of ``aggregate_train``; fedbrain: from its ``ROUND_STARTED`` to
+its ``ROUND_FINISHED`` progress event (which also spans the federator's evaluation and
+checkpoint, if the job has them). Flower's runs do not evaluate. Round 1 carries the actors'
+warm-up (imports, first ClientApp construction), so the mean is over rounds 2..R. Each
+row also reports max |aggregate - input| (no-op training averages to the input).
+"total" is the wall time of the whole ``run_simulation`` call (Ray start and stop included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig
+    from flwr.serverapp import ServerApp
+
+    from clients.node import NodeConfig
+    from manifests.jobspec import JobSpec
+
+FEDBRAIN_UNAVAILABLE = "fedbrain apps not available yet"
+
+
+class FedbrainUnavailableError(RuntimeError):
+    """fedbrain's ServerApp / ClientApp (or the no-op training hook) do not exist yet."""
+
+
+@dataclass
+class RunTiming:
+    """One ``run_simulation`` call: per-round seconds (server side) and the whole call."""
+
+    label: str
+    family: str  # "Flower" or "fedbrain"
+    secure: bool
+    round_seconds: list[float] = field(default_factory=list)
+    stage_seconds: dict[str, list[float]] = field(default_factory=dict)
+    total_seconds: float = 0.0
+    max_error: float = math.nan  # max |aggregate - input|: no-op training averages to the input
+    error: str = ""
+
+    def stage_means(self) -> str:
+        """``stage mean`` over rounds 2..R, for the protocol stages that were timed."""
+        parts = []
+        for stage, seconds in self.stage_seconds.items():
+            steady = seconds[1:] or seconds
+            parts.append(f"{stage} {sum(steady) / len(steady):.3f}")
+        return ", ".join(parts)
+
+    @property
+    def steady_seconds(self) -> float:
+        """Mean of rounds 2..R (round 1 alone when R = 1)."""
+        steady = self.round_seconds[1:] or self.round_seconds
+        return sum(steady) / len(steady) if steady else math.nan
+
+
+# Rounds are timed on the ServerApp thread, which runs in this process: module-level sinks.
+_ROUND_SECONDS: list[float] = []
+_STAGE_SECONDS: dict[str, list[float]] = {}
+_MAX_ERROR: list[float] = []
+
+
+def neighbours_and_threshold(n: int) -> tuple[int, int]:
+    """fedbrain's defaults: k = min(N-1, 2*ceil(log2 N)), t = k//2 + 1."""
+    k = min(n - 1, 2 * math.ceil(math.log2(n)))
+    return k, k // 2 + 1
+
+
+def initial_vector(p: int) -> NDArray[np.float32]:
+    """P float32 values well inside Flower's default clipping range [-8, 8]."""
+    return np.random.default_rng(0).normal(0.0, 0.1, p).astype(np.float32)
+
+
+def backend_config() -> BackendConfig:
+    cores = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cores,
+            "num_gpus": 0,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+        },
+    }
+
+
+class _DropDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED" not in record.getMessage()
+
+
+@contextmanager
+def quiet(verbose: bool) -> Iterator[None]:
+    """Flower's console at ERROR minus deprecation notices; no Python warnings."""
+    if verbose:
+        yield
+        return
+    flwr_logger = logging.getLogger("flwr")
+    handlers = list(flwr_logger.handlers)
+    levels = [h.level for h in handlers]
+    flt = _DropDeprecation()
+    for handler in handlers:
+        handler.setLevel(max(handler.level, logging.ERROR))
+        handler.addFilter(flt)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for handler, level in zip(handlers, levels, strict=True):
+            handler.setLevel(level)
+            handler.removeFilter(flt)
+
+
+@contextmanager
+def stage_timer(stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _STAGE_SECONDS.setdefault(stage, []).append(time.perf_counter() - start)
+
+
+def simulate(
+    timing: RunTiming,
+    server_app: ServerApp,
+    client_app: ClientApp,
+    n: int,
+    expected_rounds: int,
+    verbose: bool,
+) -> RunTiming:
+    """One ``run_simulation``; fills ``timing`` from the sinks and the wall clock."""
+    from flwr.simulation import run_simulation
+
+    _ROUND_SECONDS.clear()
+    _STAGE_SECONDS.clear()
+    _MAX_ERROR.clear()
+    start = time.perf_counter()
+    try:
+        with quiet(verbose):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=n,
+                backend_config=backend_config(),
+                verbose_logging=verbose,
+            )
+    except Exception as error:  # report and go on with the other runs
+        timing.error = f"{type(error).__name__}: {error}"
+    timing.total_seconds = time.perf_counter() - start
+    timing.round_seconds = list(_ROUND_SECONDS)
+    timing.stage_seconds = {stage: list(s) for stage, s in _STAGE_SECONDS.items()}
+    timing.max_error = _MAX_ERROR[-1] if _MAX_ERROR else timing.max_error
+    if not timing.error and len(timing.round_seconds) < expected_rounds:
+        timing.error = f"only {len(timing.round_seconds)} of {expected_rounds} rounds completed"
+    return timing
+
+
+# -- (1) Flower SecAgg+ (legacy path) ----------------------------------------------------------
+def flower_secagg_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
+    from flwr.app import Context
+    from flwr.client import Client, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+    from flwr.common import NDArrays, Scalar, ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+    from flwr.serverapp import Grid, ServerApp
+
+    k, t = neighbours_and_threshold(n)
+
+    class NoOpClient(NumPyClient):
+        def fit(
+            self, parameters: NDArrays, config: dict[str, Scalar]
+        ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+            return parameters, 1, {}
+
+    def client_fn(context: Context) -> Client:
+        return NoOpClient().to_client()
+
+    client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+    class TimedSecAggPlus(SecAggPlusWorkflow):
+        """Flower's workflow with each of its four stages timed."""
+
+        def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+            with stage_timer("setup"):
+                return super().setup_stage(grid, context, state)
+
+        def share_keys_stage(
+            self, grid: Grid, context: LegacyContext, state: WorkflowState
+        ) -> bool:
+            with stage_timer("share keys"):
+                return super().share_keys_stage(grid, context, state)
+
+        def collect_masked_vectors_stage(
+            self, grid: Grid, context: LegacyContext, state: WorkflowState
+        ) -> bool:
+            with stage_timer("masked vectors"):
+                return super().collect_masked_vectors_stage(grid, context, state)
+
+        def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+            with stage_timer("unmask"):
+                return super().unmask_stage(grid, context, state)
+
+    secagg = TimedSecAggPlus(num_shares=k + 1, reconstruction_threshold=t)
+
+    def timed_fit(grid: Grid, context: Context) -> None:
+        before = context.state.array_records[MAIN_PARAMS_RECORD]
+        start = time.perf_counter()
+        secagg(grid, context)
+        seconds = time.perf_counter() - start
+        # The workflow replaces the parameters record only when it aggregated; a halted
+        # round is not counted (simulate() then reports the missing rounds).
+        if context.state.array_records[MAIN_PARAMS_RECORD] is not before:
+            _ROUND_SECONDS.append(seconds)
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = LegacyFedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=n,
+            min_available_clients=n,
+            initial_parameters=ndarrays_to_parameters([initial_vector(p)]),
+        )
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+        )
+        DefaultWorkflow(fit_workflow=timed_fit)(grid, legacy)
+        final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
+        _MAX_ERROR.append(float(np.max(np.abs(final[0] - initial_vector(p)))))
+
+    label = f"Flower 1.42 SecAgg+ (`SecAggPlusWorkflow`, num_shares = {k + 1}, t = {t})"
+    return simulate(RunTiming(label, "Flower", True), server_app, client_app, n, rounds, verbose)
+
+
+# -- (2) Flower plain FedAvg (Message API) -----------------------------------------------------
+def flower_plain_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        content = RecordDict(
+            {"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}
+        )
+        return Message(content=content, reply_to=msg)
+
+    class TimedFedAvg(FedAvg):
+        _start = 0.0
+
+        def configure_train(
+            self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        ) -> list[Message]:
+            self._start = time.perf_counter()
+            return list(super().configure_train(server_round, arrays, config, grid))
+
+        def aggregate_train(
+            self, server_round: int, replies: Iterable[Message]
+        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            result = super().aggregate_train(server_round, replies)
+            if result[0] is not None:  # count only rounds that aggregated
+                _ROUND_SECONDS.append(time.perf_counter() - self._start)
+            return result
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = TimedFedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=n,
+            min_available_nodes=n,
+        )
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord([initial_vector(p)]),
+            num_rounds=rounds,
+        )
+        final = result.arrays.to_numpy_ndarrays()
+        _MAX_ERROR.append(float(np.max(np.abs(final[0] - initial_vector(p)))))
+
+    label = "Flower 1.42 plain FedAvg (Message API `flwr.serverapp.strategy.FedAvg`)"
+    return simulate(RunTiming(label, "Flower", False), server_app, client_app, n, rounds, verbose)
+
+
+# -- (3) fedbrain ----------------------------------------------------------------------------
+def fedbrain_noop_nodes(n: int, p: int, workdir: Path) -> Mapping[int, NodeConfig]:
+    """Partition id -> ``clients.node.NodeConfig`` for N LM nodes with ``noop_training``: each
+    answers every message (node info, the SecAgg+ stages, evaluation) but trains nothing and
+    contributes a zero update of the model's P values. Each node holds a small demo corpus
+    (``node_info`` checks that the data loads)."""
+    from clients.demo_data import write_demo_dataset
+    from clients.node import NodeConfig
+    from manifests.catalog import NodeType
+
+    configs: dict[int, NodeConfig] = {}
+    for i in range(n):
+        folder = workdir / "data" / f"node-{i}"
+        if not (folder / "lm").exists():
+            write_demo_dataset("lm", folder / "lm", 40, seed=i)
+        configs[i] = NodeConfig(NodeType.INFERENCE, folder, f"node-{i}", noop_training=True)
+    return configs
+
+
+def _lm_job(mapping: dict[str, object], hidden: int) -> JobSpec:
+    from manifests.jobspec import JobSpec
+
+    return JobSpec.from_mapping({**mapping, "hidden_size": hidden})
+
+
+def _parameter_count(job: JobSpec) -> int:
+    from clients.models import build_model
+    from clients.node import model_spec_for_job
+
+    model = build_model(model_spec_for_job(job))
+    return sum(int(t.numel()) for t in model.parameters())
+
+
+def fedbrain_job(*, secure: bool, n: int, p: int, rounds: int) -> JobSpec:
+    """The job: N clients per round (all of them), ``privacy_level`` ``secure-agg`` with the
+    same k and t as Flower's run, or ``none``; a byte-level GPT-2 (gpt-small-v1, 2 layers)
+    whose hidden size is chosen so the model has the multiple of 2 heads closest to P values.
+    fedbrain always evaluates (the no-op nodes answer at once); checkpoints are off."""
+    k, t = neighbours_and_threshold(n)
+    mapping: dict[str, object] = {
+        "component": "inference",
+        "base_model": "gpt-small-v1",
+        "task": "lm-finetune",
+        "num_layers": 2,
+        "num_heads": 2,
+        "max_seq_length": 32,
+        "checkpoint_interval": rounds + 1,
+        "privacy_level": "secure-agg" if secure else "none",
+        "federation": {"num_rounds": rounds, "clients_per_round": n},
+    }
+    if secure:
+        mapping["secagg"] = {"num_neighbours": k, "reconstruction_threshold": t}
+    low, high = 2, 2048  # hidden sizes (even: 2 heads); the count grows with the size
+    while high - low > 2:
+        mid = (low + high) // 4 * 2
+        if _parameter_count(_lm_job(mapping, mid)) < p:
+            low = mid
+        else:
+            high = mid
+    best = min((low, high), key=lambda h: abs(_parameter_count(_lm_job(mapping, h)) - p))
+    return _lm_job(mapping, best)
+
+
+def fedbrain_run(
+    *, secure: bool, n: int, p: int, rounds: int, workdir: Path, verbose: bool
+) -> RunTiming:
+    """fedbrain's secure-agg (``secure``) or plain round with no-op training.
+
+    Raises :class:`FedbrainUnavailableError` while ``server.app.make_server_app``,
+    ``clients.app.make_client_app`` or the no-op training hook are missing. A round is timed
+    from the federator's ``ROUND_STARTED`` to its ``ROUND_FINISHED`` progress event (which
+    includes its evaluation and checkpoint, if the job has them); stages from the ``STAGE``
+    events' own ``seconds``.
+    """
+    try:
+        from clients.app import make_client_app
+        from server.app import make_server_app
+    except ImportError as error:
+        raise FedbrainUnavailableError(str(error)) from error
+    from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent, RunOptions
+
+    nodes = fedbrain_noop_nodes(n, p, workdir)
+    job = fedbrain_job(secure=secure, n=n, p=p, rounds=rounds)
+    options = RunOptions(run_dir=workdir / ("secure" if secure else "plain"), seed=0, min_nodes=n)
+    started: dict[int, float] = {}
+
+    def progress(event: ProgressEvent) -> None:
+        now = time.perf_counter()
+        if event.kind == EventKind.ROUND_STARTED:
+            started[event.server_round] = now
+        elif event.kind == EventKind.STAGE and "seconds" in event.metrics:
+            _STAGE_SECONDS.setdefault(event.stage, []).append(event.metrics["seconds"])
+        elif event.kind == EventKind.ROUND_FINISHED and event.server_round in started:
+            _ROUND_SECONDS.append(now - started.pop(event.server_round))
+
+    outcomes: list[JobOutcome] = []
+    server_app = make_server_app(job, options, progress=progress, outcomes=outcomes)
+    client_app = make_client_app(nodes)
+    k, t = neighbours_and_threshold(n)
+    label = f"fedbrain SecAgg+ (k = {k}, t = {t})" if secure else "fedbrain plain (no SecAgg)"
+    timing = simulate(
+        RunTiming(label, "fedbrain", secure), server_app, client_app, n, rounds, verbose
+    )
+    if not timing.error and outcomes and outcomes[-1].status == JobStatus.FAILED:
+        timing.error = "job failed: " + "; ".join(outcomes[-1].reasons)
+    return timing
+
+
+# -- report -----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> str:
+    import cryptography
+    import flwr
+    import ray
+
+    return (
+        f"Python {platform.python_version()}, numpy {np.__version__}, flwr {flwr.__version__}, "
+        f"ray {ray.__version__}, cryptography {cryptography.__version__}"
+    )
+
+
+def command_line() -> str:
+    python = sys.executable
+    relative = os.path.relpath(python)
+    return shlex.join([python if relative.startswith("..") else relative, *sys.argv])
+
+
+def print_table(runs: list[RunTiming]) -> None:
+    print(
+        "| implementation | rounds | mean round 2..R (s) | per round (s) "
+        "| total run_simulation (s) | vs same framework's plain round "
+        "| fedbrain / Flower SecAgg+ | max abs(aggregate - input) |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    plain = {r.family: r.steady_seconds for r in runs if not r.secure and not r.error}
+    flower_secure = next(
+        (r.steady_seconds for r in runs if r.family == "Flower" and r.secure and not r.error),
+        math.nan,
+    )
+    for r in runs:
+        if r.error:
+            print(f"| {r.label} | | | error: {r.error} | {r.total_seconds:.1f} | | | |")
+            continue
+        per = ", ".join(f"{s:.2f}" for s in r.round_seconds)
+        vs_plain = f"{r.steady_seconds / plain[r.family]:.2f}x" if r.family in plain else ""
+        vs_flower = (
+            f"{r.steady_seconds / flower_secure:.2f}x"
+            if r.family == "fedbrain" and r.secure and not math.isnan(flower_secure)
+            else ""
+        )
+        print(
+            f"| {r.label} | {len(r.round_seconds)} | {r.steady_seconds:.3f} | {per} | "
+            f"{r.total_seconds:.1f} | {vs_plain} | {vs_flower} | {r.max_error:.1e} |"
+        )
+    for r in runs:
+        if r.stage_seconds and not r.error:
+            print(f"\n{r.label}, stages (s, mean of rounds 2..R): {r.stage_means()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("all", "flower", "fedbrain"), default="all")
+    parser.add_argument("--nodes", type=int, default=20, help="N, virtual nodes (all sampled)")
+    parser.add_argument("--params", type=float, default=1e6, help="P, float32 values")
+    parser.add_argument("--rounds", type=int, default=4, help="R; the mean is over 2..R")
+    parser.add_argument("--quick", action="store_true", help="N = 5, P = 1e4, 2 rounds")
+    parser.add_argument("--verbose", action="store_true", help="Flower's and Ray's logs")
+    args = parser.parse_args()
+    n, p, rounds = args.nodes, int(args.params), args.rounds
+    if args.quick:
+        n, p, rounds = 5, 10_000, 2
+    k, t = neighbours_and_threshold(n)
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+    print("# Round time in the Simulation Engine, no-op training\n")
+    print(f"Command: `{command_line()}`\n")
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.machine()}; {versions()}\n")
+    print(
+        f"N = {n} nodes, P = {p:.0e} float32 values, R = {rounds} rounds, k = {k}, t = {t} "
+        f"(Flower num_shares = {k + 1}); Ray: client_resources num_cpus = 1, "
+        f"{os.cpu_count()} CPUs\n",
+        flush=True,
+    )
+
+    load_before = os.getloadavg()
+    runs: list[RunTiming] = []
+    if args.only in ("all", "flower"):
+        runs.append(flower_plain_run(n, p, rounds, args.verbose))
+        runs.append(flower_secagg_run(n, p, rounds, args.verbose))
+    if args.only in ("all", "fedbrain"):
+        with tempfile.TemporaryDirectory(prefix="bench_rounds_") as tmp:
+            try:
+                for secure in (False, True):
+                    runs.append(
+                        fedbrain_run(
+                            secure=secure,
+                            n=n,
+                            p=p,
+                            rounds=rounds,
+                            workdir=Path(tmp),
+                            verbose=args.verbose,
+                        )
+                    )
+            except FedbrainUnavailableError as error:
+                print(f"{FEDBRAIN_UNAVAILABLE} ({error})\n")
+    print_table(runs)
+    load_after = os.getloadavg()
+    print(
+        f"\nLoad average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+        f"after: {', '.join(f'{x:.2f}' for x in load_after)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
