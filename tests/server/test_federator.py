@@ -722,3 +722,60 @@ def test_calibrated_example_level_sigma_keeps_the_worst_node_within_the_target()
     spent = compute_epsilon([plan.event] * 3, delta=1e-5)
     assert 2.5 < spent <= 3.0
     assert plan.central_noise_multiplier == 0.0 and plan.dp_sgd_noise_multiplier > 0
+
+
+def _stale_model_app(real: ClientApp) -> ClientApp:
+    """A node running another model definition: it answers node_info with its own fingerprint
+    (as a node with a different fedbrain version or base config would) and delegates the rest."""
+    app = ClientApp()
+
+    @app.query("node_info")
+    def info(message: Message, context: Context) -> Message:
+        reply = real(message, context)
+        record = reply.content.config_records[wire.NODE_INFO_RECORD]
+        record["model_fingerprint"] = "sha256:" + "0" * 64
+        return Message(reply.content, reply_to=message)
+
+    return app
+
+
+def test_node_whose_model_config_disagrees_is_refused_with_the_reason(
+    vision_dirs: list[Path], keys: Keys, tmp_path: Path
+) -> None:
+    nodes = {i: NodeConfig(NodeType.ENCODER, folder) for i, folder in enumerate(vision_dirs[:3])}
+    real = make_client_app(nodes)
+    ids = random_node_ids(3)
+    grid = LocalGrid(
+        [
+            LocalNode(ids[0], real, {"partition-id": 0, "num-partitions": 3}),
+            LocalNode(ids[1], real, {"partition-id": 1, "num-partitions": 3}),
+            LocalNode(ids[2], _stale_model_app(real), {"partition-id": 2, "num-partitions": 3}),
+        ]
+    )
+    outcome = run_federation(grid, vit_job(nodes=3), options(tmp_path, keys))
+
+    assert outcome.status is JobStatus.FAILED
+    assert "only 2 eligible node(s) of 3 connected; the job needs 3" in outcome.reasons[0]
+    (refused,) = json.loads((tmp_path / NODES_FILE).read_text())["refused"]
+    assert "model fingerprint sha256:000" in refused["reason"]
+    assert "differs from the server's" in refused["reason"]
+    assert outcome.bundle is None
+
+
+def test_epsilon_budget_too_small_for_one_round_fails_before_any_training(
+    vision_dirs: list[Path], keys: Keys, tmp_path: Path
+) -> None:
+    one = compute_epsilon(
+        [SubsampledGaussianEvent(noise_multiplier=0.5, sample_rate=1.0)], delta=1e-5
+    )
+    job = vit_job(privacy_level="dp", dp={**NODE_DP, "epsilon_budget": one / 2})
+    events = Events()
+    outcome = run_federation(
+        encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys), progress=events
+    )
+
+    assert outcome.status is JobStatus.FAILED
+    assert any("budget exhausted before round 1" in r for r in outcome.reasons), outcome.reasons
+    assert outcome.rounds_completed == 0 and outcome.bundle is None
+    assert events.of(EventKind.ROUND_STARTED) == []  # nothing was trained or sent for training
+    assert ledger_rounds(tmp_path, outcome.run_id) == []
