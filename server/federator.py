@@ -37,11 +37,11 @@ Privacy levels (``C``: clipping norm; ``sigma``: noise multiplier, noise std = s
   (``rounds * epochs * ceil(n / batch_size)`` steps at rate ``1 / ceil(n / batch_size)``, the
   rate Opacus uses; the distinct example counts are tried and the largest epsilon wins). The
   server composes that worst node's round event every round, whether or not it was sampled
-  (conservative), and refuses a round past the budget; the run's epsilon is the largest
-  ``example_epsilon`` a node reported (the server's bound when none did). Nodes still clip the
-  whole update to ``C_update = secagg.quantization_range`` if set, else ``dp.clipping_norm``
-  (the update's scale is unrelated to the per-example gradient bound: set the range when
-  updates are large); the server adds no noise.
+  (conservative), and refuses a round past the budget; the run's epsilon is the larger of that
+  bound and the largest ``example_epsilon`` a node reported (a restarted node under-reports).
+  Nodes still clip the whole update to ``C_update = secagg.quantization_range`` if set, else
+  ``dp.clipping_norm`` (the update's scale is unrelated to the per-example gradient bound: set
+  the range when updates are large); the server adds no noise.
 - ``secure-agg`` / ``dp+secure-agg``: the SecAgg+ stages ``train.secagg_advertise``,
   ``train.secagg_share``, ``train.secagg_masked`` (with the weights; nodes train then mask),
   ``train.secagg_unmask``. Each node masks :func:`clients.protocol.summable_vector` (sensing:
@@ -1456,8 +1456,11 @@ class _Federation:
     # ------------------------------------------------------------------ accounting, scoring
 
     def _account(self, state: _RoundState, accountant: PrivacyAccountant | None) -> None:
-        """The run's epsilon after this round: the accountant's (node DP, sensing), or the
-        largest ``example_epsilon`` a node reported, the server's bound when none did."""
+        """The run's epsilon after this round: the accountant's (node DP, sensing); for
+        example-level DP the larger of the server's bound (the worst node's DP-SGD steps
+        composed every round) and the largest ``example_epsilon`` a node reported. A node's
+        report alone is not enough: a node restarted mid-run (or a resumed simulation) has lost
+        its DP history and reports only the steps since, while the bound covers the run."""
         if accountant is None:
             return
         state.measurements.update(accountant.measurements())
@@ -1470,8 +1473,8 @@ class _Federation:
                 if wire.EXAMPLE_EPSILON in m
             ]
             if reported:
-                candidate = max(reported)
-                state.measurements["example_epsilon_max_reported"] = candidate
+                state.measurements["example_epsilon_max_reported"] = max(reported)
+                candidate = max(candidate, max(reported))
         self.epsilon = max(self.epsilon or 0.0, candidate)
         state.measurements["epsilon"] = self.epsilon
 

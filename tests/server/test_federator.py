@@ -779,3 +779,28 @@ def test_epsilon_budget_too_small_for_one_round_fails_before_any_training(
     assert outcome.rounds_completed == 0 and outcome.bundle is None
     assert events.of(EventKind.ROUND_STARTED) == []  # nothing was trained or sent for training
     assert ledger_rounds(tmp_path, outcome.run_id) == []
+
+
+def test_resumed_example_dp_run_reports_the_servers_bound_not_the_restarted_nodes(
+    vision_dirs: list[Path], keys: Keys, tmp_path: Path
+) -> None:
+    job = vit_job(rounds=3, privacy_level="dp", dp=EXAMPLE_DP, checkpoint_interval=1)
+
+    def crash(event: ProgressEvent) -> None:
+        if event.kind is EventKind.ROUND_FINISHED and event.server_round == 1:
+            raise CrashError("killed after round 1")
+
+    with pytest.raises(CrashError):
+        run_federation(encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys), progress=crash)
+    # New node processes: their DP-SGD history (context.state) is gone, as after a restart.
+    outcome = run_federation(
+        encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys, resume=True)
+    )
+
+    assert outcome.status is JobStatus.PASSED, outcome.reasons
+    last = ledger_rounds(tmp_path, outcome.run_id)[-1]
+    bound = float(last.measurements["example_epsilon_bound"])
+    reported = float(last.measurements["example_epsilon_max_reported"])
+    assert reported < bound  # the nodes only saw rounds 2 and 3
+    assert outcome.epsilon == pytest.approx(bound)
+    assert last.epsilon == pytest.approx(bound)
