@@ -29,16 +29,15 @@ step counters are allowed at every precision):
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import struct
-import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from manifests.atomic import write_atomically
 from manifests.dsse import PAYLOAD_TYPE, Statement, Subject, sign
 from manifests.keys import SigningKey
 from manifests.manifest import (
@@ -397,19 +396,6 @@ def _write_bytes(handle: BinaryIO, data: bytes) -> None:
     handle.write(data)
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder; nothing is left behind on failure."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def build_bundle(
     job: SupportsManifestFields,
     weights_path: Path,
@@ -460,6 +446,6 @@ def build_bundle(
         ENVELOPE_MEMBER: envelope.to_json(),
     }
     manifest_path = (manifest_dir or out_path.parent) / MANIFEST_MEMBER
-    _write_atomically(out_path, lambda handle: write_canonical_zip(members, handle))
-    _write_atomically(manifest_path, lambda handle: _write_bytes(handle, manifest_bytes))
+    write_atomically(out_path, lambda handle: write_canonical_zip(members, handle))
+    write_atomically(manifest_path, lambda handle: _write_bytes(handle, manifest_bytes))
     return BuiltBundle(out_path, manifest_path, manifest, signing_key.keyid, statement.subjects)

@@ -27,14 +27,14 @@ name order), so the same tensors always give the same bytes, whatever the safete
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
+
+from manifests.atomic import write_atomically
 
 __all__ = [
     "SCALE_SUFFIX",
@@ -255,16 +255,4 @@ def write_safetensors(
 ) -> Path:
     """Write ``tensors`` to ``path`` deterministically and atomically (temp file, fsync,
     ``os.replace``): a crash leaves either the old file or the new one, never half of one."""
-    data = safetensors_bytes(tensors, metadata=metadata)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(Path(path), safetensors_bytes(tensors, metadata=metadata))

@@ -50,6 +50,7 @@ from safetensors.numpy import load_file
 
 from aggregation.dp import DPState
 from aggregation.server_opt import ServerOptState
+from manifests.atomic import write_atomically
 from manifests.quantize import write_safetensors
 
 __all__ = [
@@ -235,17 +236,7 @@ def _json_bytes(document: Mapping[str, object]) -> bytes:
 
 def _write_json(path: Path, document: Mapping[str, object]) -> None:
     """Write ``document`` to ``path`` atomically (temp file in the same dir, fsync, replace)."""
-    data = _json_bytes(document)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, _json_bytes(document))
     _fsync_dir(path.parent)
 
 
