@@ -51,8 +51,8 @@ from server.checkpoint import latest_checkpoint
 from server.federator import run_federation
 from server.local_grid import LocalGrid
 from server.options import EventKind, ProgressEvent, RunOptions
-from simulations.runner import _node_configs, materialize_data
-from simulations.scenario import load_scenario
+from simulations.runner import materialize_data, node_configs
+from simulations.scenario import Overrides, Scenario, ScenarioJob, load_scenario
 
 LEVELS = (PrivacyLevel.NONE, PrivacyLevel.DP, PrivacyLevel.DP_SECURE_AGG)
 TEST_EXAMPLES = 400
@@ -129,20 +129,25 @@ def pooled_training_data(
     return ConcatDataset(parts)
 
 
-def at_level(job: JobSpec, level: PrivacyLevel) -> JobSpec:
-    """The job at another privacy level (settings the level does not use removed)."""
-    values = job.model_dump(mode="json", exclude_unset=True)
-    values.update(privacy_level=level.value, checkpoint_interval=1)
-    if not level.uses_dp:
-        values.pop("dp", None)
-    if not level.uses_secure_agg:
-        values.pop("secagg", None)
-    return JobSpec.from_mapping(values)
+def vision_job(
+    *, level: PrivacyLevel | None = None, rounds: int | None = None, sets: Sequence[str] = ()
+) -> tuple[Scenario, ScenarioJob, JobSpec]:
+    """The default scenario's vision job, with the scenario's own overrides (``--privacy-level``
+    and ``--rounds`` of ``fedbrain simulate``), checkpoints every round (the curve reads them),
+    and ``--set FIELD=JSON`` experiments on top."""
+    overrides = Overrides(privacy_level=level.value if level else None, rounds=rounds)
+    scenario = load_scenario(None, overrides)
+    entry = next(j for j in scenario.jobs if j.modality.value == "vision" and not j.is_analytics)
+    values = entry.spec.model_dump(mode="json", exclude_unset=True)
+    values["checkpoint_interval"] = 1
+    for item in sets:
+        key, _, raw = item.partition("=")
+        values[key] = json.loads(raw)
+    return scenario, entry, JobSpec.from_mapping(values)
 
 
 def federated_curve(
-    job: JobSpec,
-    level: PrivacyLevel,
+    leveled: JobSpec,
     app_nodes: dict[int, object],
     out: Path,
     *,
@@ -151,7 +156,7 @@ def federated_curve(
     test: DataLoader[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[list[tuple[float, float]], float | None, float]:
     """Accuracy after every round, the final epsilon, and wall time of the run."""
-    leveled = at_level(job, level)
+    level = leveled.privacy_level
     run_dir = out / f"run-{level.value}"
     spec = model_spec_for_job(leveled)
     model = build_model(spec, seed=seed)
@@ -185,7 +190,7 @@ def federated_curve(
         progress=on_progress,
     )
     seconds = time.perf_counter() - start
-    if len(curve) != job.federation.num_rounds:
+    if len(curve) != leveled.federation.num_rounds:
         raise RuntimeError(f"{level}: {outcome.status} {outcome.reasons}")
     return curve, outcome.epsilon, seconds
 
@@ -245,22 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    scenario = load_scenario(None)
-    job_entry = next(
-        j for j in scenario.jobs if j.modality.value == "vision" and not j.is_analytics
-    )
-    job = job_entry.spec
-    if args.rounds or args.set:
-        values = job.model_dump(mode="json", exclude_unset=True)
-        if args.rounds:
-            values["federation"]["num_rounds"] = args.rounds
-        for item in args.set:
-            key, _, raw = item.partition("=")
-            values[key] = json.loads(raw)
-        job = JobSpec.from_mapping(values)
+    scenario, job_entry, job = vision_job(rounds=args.rounds, sets=args.set)
     out = args.out or Path(tempfile.mkdtemp(prefix="fedbrain-bench-learning-"))
     dirs = materialize_data(scenario, out)
-    nodes = _node_configs(scenario, job_entry, dirs)
+    nodes = node_configs(scenario, job_entry, dirs)
     input_size = job.input_size or 32
     pooled = pooled_training_data([n.data_dir for n in nodes.values()], input_size)
     test_dir = out / "test"
@@ -289,8 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("centralized, pooled data, no DP", central, None, central_s)
     ]
     for level in (PrivacyLevel(v) for v in args.levels.split(",")):
+        leveled = vision_job(level=level, rounds=args.rounds, sets=args.set)[2]
         curve, epsilon, seconds = federated_curve(
-            job, level, dict(nodes), out, seed=args.seed, train=train_eval, test=test_eval
+            leveled, dict(nodes), out, seed=args.seed, train=train_eval, test=test_eval
         )
         rows.append((f"federated, {level.value}", curve, epsilon, seconds))
 

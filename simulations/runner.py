@@ -518,7 +518,7 @@ def verify(result: JobResult, keys: KeyFiles) -> None:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-def _node_configs(
+def node_configs(
     scenario: Scenario, job: ScenarioJob, dirs: Mapping[int, Path]
 ) -> dict[int, NodeConfig]:
     """Partition id -> ``clients.node.NodeConfig`` for the job's node type."""
@@ -643,7 +643,7 @@ def run_job(
         server_app = make_server_app(
             job.spec, options, progress=_guarded(progress), outcomes=outcomes
         )
-        client_app = make_client_app(_node_configs(scenario, job, dirs))
+        client_app = make_client_app(node_configs(scenario, job, dirs))
         with _quiet(verbose):
             run_simulation(
                 server_app=server_app,
