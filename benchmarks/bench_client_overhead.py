@@ -55,17 +55,16 @@ from clients.training import augment
 from manifests.catalog import NodeType
 from manifests.jobspec import JobSpec
 from server.local_grid import LocalGrid
-from simulations.scenario import load_scenario
+from simulations.scenario import Overrides, load_scenario
 
 
-def vision_job(examples_epochs: int) -> JobSpec:
-    scenario = load_scenario(None)
+def vision_job(epochs: int) -> JobSpec:
+    """The default scenario's vision job at privacy level ``none`` (the scenario's override)."""
+    scenario = load_scenario(None, Overrides(privacy_level="none"))
     job = next(j for j in scenario.jobs if j.modality.value == "vision" and not j.is_analytics)
-    values = job.spec.model_dump(mode="json", exclude_unset=True)
-    values.update(privacy_level="none", epochs=examples_epochs)
-    values.pop("dp", None)
-    values.pop("secagg", None)
-    return JobSpec.from_mapping(values)
+    return JobSpec.from_mapping(
+        {**job.spec.model_dump(mode="json", exclude_unset=True), "epochs": epochs}
+    )
 
 
 def bare_loop(job: JobSpec, data_dir: Path, repeats: int) -> list[float]:
