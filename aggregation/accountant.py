@@ -21,18 +21,37 @@ budget, and leaves its state untouched, so the server stops *before* the round r
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeAlias
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from aggregation.types import Measurements
+from aggregation.validation import (
+    JSONValue,
+    as_real,
+    delta_problem,
+    positive_problem,
+    raise_problems,
+    sample_rate_problem,
+)
 
-JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+__all__ = [
+    "STATE_VERSION",
+    "AccountantKind",
+    "JSONValue",
+    "PrivacyAccountant",
+    "PrivacyBudgetExceededError",
+    "SubsampledGaussianEvent",
+    "as_real",
+    "compute_epsilon",
+    "delta_problem",
+    "positive_problem",
+    "raise_problems",
+    "sample_rate_problem",
+]
 
 STATE_VERSION = 1
 
@@ -58,41 +77,6 @@ class PrivacyBudgetExceededError(RuntimeError):
             f"past the budget of {epsilon_budget:g}. Stop training here, or start a new job "
             "with a larger budget or a larger noise multiplier."
         )
-
-
-def as_real(name: str, value: object) -> float:
-    """``value`` as a float; ``TypeError`` naming ``name`` if it is not a real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number. Found {type(value).__name__}.")
-    return float(value)
-
-
-def positive_problem(name: str, value: float) -> str | None:
-    """The message for a value that is not a finite positive number, else ``None``."""
-    if not (math.isfinite(value) and value > 0):
-        return f"`{name}` must be positive. Found {value!r}."
-    return None
-
-
-def delta_problem(name: str, value: float) -> str | None:
-    """The message for a delta outside the open interval (0, 1), else ``None``."""
-    if not 0 < value < 1:
-        return f"`{name}` must be in (0, 1), typically below 1/population. Found {value!r}."
-    return None
-
-
-def sample_rate_problem(name: str, value: float) -> str | None:
-    """The message for a sampling rate outside (0, 1], else ``None``."""
-    if not 0 < value <= 1:
-        return f"`{name}` must be in (0, 1] (clients_per_round / population). Found {value!r}."
-    return None
-
-
-def raise_problems(problems: Sequence[str | None]) -> None:
-    """Raise one ``ValueError`` listing every problem found (if any)."""
-    found = [p for p in problems if p is not None]
-    if found:
-        raise ValueError(" ".join(found))
 
 
 @dataclass(frozen=True)
