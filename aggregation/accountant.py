@@ -14,6 +14,16 @@ for DP-SGD); each unit takes part in a step independently with probability ``sam
 ``q = m / N`` as an approximation: that is the common practice, not a proven bound for
 sampling without replacement.
 
+Distributed DP releases (node-side Skellam or discrete Gaussian noise under secure aggregation,
+:mod:`aggregation.ddp`) are :class:`~aggregation.ddp_accounting.DistributedDpEvent` s. The RDP
+accountant composes any mix of the two kinds over one common set of orders
+(:data:`RDP_ORDERS`: Opacus's default orders plus larger integer ones) by adding their RDP
+curves -- Opacus's for the sampled Gaussian, the papers' closed forms for the distributed
+mechanisms -- and converts with Opacus's ``get_privacy_spent`` (Balle et al. 2020, Theorem 21).
+A history of Gaussian events alone is computed exactly as before, by Opacus's own accountant.
+The PRV accountant has no privacy loss distribution for the distributed mechanisms and refuses
+them.
+
 Budget enforcement follows "check first, then update state": :meth:`PrivacyAccountant.compose`
 refuses (raises :class:`PrivacyBudgetExceededError`) an event that would take epsilon past the
 budget, and leaves its state untouched, so the server stops *before* the round runs.
@@ -21,13 +31,20 @@ budget, and leaves its state untouched, so the server stops *before* the round r
 
 from __future__ import annotations
 
+import functools
 import numbers
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Final, TypeAlias
 
+import numpy as np
+from numpy.typing import NDArray
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from aggregation.ddp_accounting import RDP_ORDERS, DistributedDpEvent
 from aggregation.types import Measurements
 from aggregation.validation import (
     JSONValue,
@@ -39,21 +56,28 @@ from aggregation.validation import (
 )
 
 __all__ = [
+    "RDP_ORDERS",
     "STATE_VERSION",
     "AccountantKind",
+    "DistributedDpEvent",
     "JSONValue",
     "PrivacyAccountant",
     "PrivacyBudgetExceededError",
+    "PrivacyEvent",
     "SubsampledGaussianEvent",
     "as_real",
     "compute_epsilon",
     "delta_problem",
     "positive_problem",
     "raise_problems",
+    "rdp_curve",
+    "rdp_epsilon",
     "sample_rate_problem",
 ]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""Version 2 tags each history entry with its ``type``; version 1 (untagged Gaussian events) is
+still read."""
 
 
 class AccountantKind(StrEnum):
@@ -137,6 +161,99 @@ class SubsampledGaussianEvent:
         except TypeError as error:
             raise ValueError(f"Malformed event {data!r}: {error}") from error
 
+    def describe(self) -> str:
+        """What is accounted, for the manifest."""
+        return "subsampled Gaussian (Mironov, Talwar, Zhang 2019; Opacus)"
+
+
+_PRV_REFUSES: Final = (
+    "The PRV accountant cannot compose distributed DP events (no privacy loss distribution of "
+    "the Skellam or distributed discrete Gaussian mechanism is implemented). Use an accountant "
+    "of kind 'rdp' for jobs with node-side noise."
+)
+
+
+PrivacyEvent: TypeAlias = SubsampledGaussianEvent | DistributedDpEvent
+"""Any event a :class:`PrivacyAccountant` composes."""
+
+_EVENT_TYPES: Final[dict[type[PrivacyEvent], str]] = {
+    SubsampledGaussianEvent: "subsampled_gaussian",
+    DistributedDpEvent: "distributed_dp",
+}
+
+
+def _check_event(event: object) -> PrivacyEvent:
+    if not isinstance(event, SubsampledGaussianEvent | DistributedDpEvent):
+        raise TypeError(
+            "`event` must be a SubsampledGaussianEvent or a DistributedDpEvent. "
+            f"Found {type(event).__name__}."
+        )
+    return event
+
+
+def _event_to_json(event: PrivacyEvent) -> dict[str, JSONValue]:
+    return {"type": _EVENT_TYPES[type(event)], **event.to_json()}
+
+
+def _event_from_json(data: object) -> PrivacyEvent:
+    """One history entry; an entry without ``type`` (state version 1) is a Gaussian event."""
+    if not isinstance(data, Mapping) or "type" not in data:
+        return SubsampledGaussianEvent.from_json(data)
+    if data["type"] not in _EVENT_TYPES.values():
+        raise ValueError(
+            f"A history entry's `type` must be one of {sorted(_EVENT_TYPES.values())}. "
+            f"Found {data['type']!r}."
+        )
+    fields = {key: value for key, value in data.items() if key != "type"}
+    if data["type"] == "distributed_dp":
+        return DistributedDpEvent.from_json(fields)
+    return SubsampledGaussianEvent.from_json(fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _gaussian_rdp(event: SubsampledGaussianEvent, orders: tuple[float, ...]) -> NDArray[np.float64]:
+    """One step's RDP of the sampled Gaussian at ``orders`` (Opacus; cached)."""
+    curve = np.asarray(
+        compute_rdp(
+            q=event.sample_rate,
+            noise_multiplier=event.noise_multiplier,
+            steps=1,
+            orders=list(orders),
+        ),
+        dtype=np.float64,
+    )
+    curve.setflags(write=False)
+    return curve
+
+
+def rdp_curve(
+    events: Sequence[PrivacyEvent], orders: Sequence[float] = RDP_ORDERS
+) -> NDArray[np.float64]:
+    """The RDP of the composition of ``events`` at ``orders``: the sum of their curves."""
+    steps: Counter[PrivacyEvent] = Counter()
+    for event in events:
+        steps[replace(_check_event(event), steps=1)] += event.steps
+    total = np.zeros(len(orders))
+    key = tuple(float(order) for order in orders)
+    for event, count in steps.items():
+        if isinstance(event, SubsampledGaussianEvent):
+            total += count * _gaussian_rdp(event, key)
+        else:
+            total += event.rdp(key) * count
+    return total
+
+
+def rdp_epsilon(
+    events: Sequence[PrivacyEvent], *, delta: float, orders: Sequence[float] = RDP_ORDERS
+) -> float:
+    """Epsilon at ``delta`` of the composition of ``events`` by RDP over ``orders`` (0.0 for none),
+    converted by Opacus's ``get_privacy_spent`` (Balle et al. 2020, Theorem 21)."""
+    raise_problems([delta_problem("delta", as_real("delta", delta))])
+    if not events:
+        return 0.0
+    epsilon, _ = get_privacy_spent(orders=list(orders), rdp=rdp_curve(events, orders), delta=delta)
+    return float(epsilon)
+
 
 def _opacus_history(
     events: Sequence[SubsampledGaussianEvent],
@@ -153,23 +270,36 @@ def _opacus_history(
 
 
 def compute_epsilon(
-    events: Sequence[SubsampledGaussianEvent],
+    events: Sequence[PrivacyEvent],
     *,
     delta: float,
     kind: AccountantKind | str = AccountantKind.RDP,
 ) -> float:
-    """Epsilon at ``delta`` of the composition of ``events``, by Opacus (0.0 for none)."""
+    """Epsilon at ``delta`` of the composition of ``events`` (0.0 for none).
+
+    Gaussian events alone: Opacus's RDP or PRV accountant, as always. With distributed DP
+    events: RDP over :data:`RDP_ORDERS` (:func:`rdp_epsilon`); ``kind="prv"`` refuses them.
+    """
     kind = AccountantKind(kind)
     raise_problems([delta_problem("delta", as_real("delta", delta))])
     if not events:
         return 0.0
+    checked = [_check_event(event) for event in events]
+    gaussian = [event for event in checked if isinstance(event, SubsampledGaussianEvent)]
+    if len(gaussian) < len(checked):
+        if kind is AccountantKind.PRV:
+            raise ValueError(_PRV_REFUSES)
+        return rdp_epsilon(checked, delta=delta)
     accountant = RDPAccountant() if kind is AccountantKind.RDP else PRVAccountant()
-    accountant.history = _opacus_history(events)
+    accountant.history = _opacus_history(gaussian)
     return float(accountant.get_epsilon(delta=delta))
 
 
 class PrivacyAccountant:
-    """Composes :class:`SubsampledGaussianEvent` s and enforces an optional epsilon budget.
+    """Composes privacy events and enforces an optional epsilon budget.
+
+    Events are :class:`SubsampledGaussianEvent` s and, for the RDP kind,
+    :class:`~aggregation.ddp_accounting.DistributedDpEvent` s (see the module docstring).
 
     ``delta`` is the target delta at which epsilon is reported and the budget is enforced.
     """
@@ -195,7 +325,7 @@ class PrivacyAccountant:
                 None if self._budget is None else positive_problem("epsilon_budget", self._budget),
             ]
         )
-        self._history: list[SubsampledGaussianEvent] = []
+        self._history: list[PrivacyEvent] = []
         self._cache: dict[float, float] = {}
 
     @property
@@ -211,7 +341,7 @@ class PrivacyAccountant:
         return self._budget
 
     @property
-    def history(self) -> tuple[SubsampledGaussianEvent, ...]:
+    def history(self) -> tuple[PrivacyEvent, ...]:
         """The composed events, oldest first (one per :meth:`compose` call)."""
         return tuple(self._history)
 
@@ -227,18 +357,18 @@ class PrivacyAccountant:
             self._cache[at] = compute_epsilon(self._history, delta=at, kind=self._kind)
         return self._cache[at]
 
-    def epsilon_after(self, event: SubsampledGaussianEvent, delta: float | None = None) -> float:
+    def epsilon_after(self, event: PrivacyEvent, delta: float | None = None) -> float:
         """Epsilon that composing ``event`` would give, without composing it."""
         at = self._delta if delta is None else as_real("delta", delta)
         return compute_epsilon([*self._history, event], delta=at, kind=self._kind)
 
-    def would_exceed(self, event: SubsampledGaussianEvent) -> bool:
+    def would_exceed(self, event: PrivacyEvent) -> bool:
         """Whether composing ``event`` would take epsilon past the budget (never, without one)."""
         if self._budget is None:
             return False
         return self.epsilon_after(event) > self._budget
 
-    def check(self, event: SubsampledGaussianEvent) -> None:
+    def check(self, event: PrivacyEvent) -> None:
         """Raise :class:`PrivacyBudgetExceededError` if ``event`` would exceed the budget."""
         if self._budget is None:
             return
@@ -248,12 +378,11 @@ class PrivacyAccountant:
                 epsilon=epsilon, epsilon_budget=self._budget, delta=self._delta
             )
 
-    def compose(self, event: SubsampledGaussianEvent) -> None:
+    def compose(self, event: PrivacyEvent) -> None:
         """Check ``event`` against the budget, then record it (state unchanged on refusal)."""
-        if not isinstance(event, SubsampledGaussianEvent):
-            raise TypeError(
-                f"`event` must be a SubsampledGaussianEvent. Found {type(event).__name__}."
-            )
+        event = _check_event(event)
+        if isinstance(event, DistributedDpEvent) and self._kind is AccountantKind.PRV:
+            raise ValueError(_PRV_REFUSES)
         epsilon = None
         if self._budget is not None:
             epsilon = self.epsilon_after(event)
@@ -265,6 +394,17 @@ class PrivacyAccountant:
         self._cache.clear()
         if epsilon is not None:
             self._cache[self._delta] = epsilon
+
+    def describe(self) -> str:
+        """Which mechanisms this accountant has composed and how, for the manifest."""
+        parts = list(dict.fromkeys(event.describe() for event in self._history))
+        if self._kind is AccountantKind.PRV:
+            method = "PRV accountant (Gopi, Lee, Wutschitz 2021; Opacus)"
+        elif all(isinstance(event, SubsampledGaussianEvent) for event in self._history):
+            method = "RDP accountant (Opacus; conversion of Balle et al. 2020)"
+        else:
+            method = "RDP composition over common orders (conversion of Balle et al. 2020)"
+        return f"{method}: {'; '.join(parts) if parts else 'no releases yet'}"
 
     def measurements(self) -> Measurements:
         """Epsilon at delta so far, for the round's measurements."""
@@ -285,7 +425,7 @@ class PrivacyAccountant:
             "kind": self._kind.value,
             "delta": self._delta,
             "epsilon_budget": self._budget,
-            "history": [event.to_json() for event in self._history],
+            "history": [_event_to_json(event) for event in self._history],
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -303,10 +443,10 @@ class PrivacyAccountant:
                 f"Accountant state must have exactly the keys {sorted(expected)}. "
                 f"Found {sorted(state)}."
             )
-        if state["version"] != STATE_VERSION:
+        if state["version"] not in (1, STATE_VERSION):
             raise ValueError(
                 f"Unsupported accountant state version {state['version']!r}; "
-                f"this fedbrain reads version {STATE_VERSION}."
+                f"this fedbrain reads versions 1 and {STATE_VERSION}."
             )
         if state["kind"] != self._kind.value:
             raise ValueError(
@@ -321,7 +461,11 @@ class PrivacyAccountant:
         raw_history = state["history"]
         if not isinstance(raw_history, list):
             raise ValueError(f"`history` must be a list. Found {type(raw_history).__name__}.")
-        history = [SubsampledGaussianEvent.from_json(item) for item in raw_history]
+        history = [_event_from_json(item) for item in raw_history]
+        if self._kind is AccountantKind.PRV and any(
+            isinstance(event, DistributedDpEvent) for event in history
+        ):
+            raise ValueError(f"Checkpoint history has distributed DP events. {_PRV_REFUSES}")
         self._history = history
         self._cache.clear()
 
