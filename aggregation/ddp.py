@@ -26,12 +26,12 @@ the aggregate noise standard deviation ``z * C`` is in real units). *Integer uni
 the rounded, scaled vectors: real = gamma * integer. Sensitivities and variances reported for the
 accountant (:mod:`aggregation.ddp_accounting`) are in integer units.
 
-Assumptions (threat model, see docs/DESIGN.md): the noise is added by the nodes, so neither an
-honest-but-curious nor a malicious server sees an un-noised sum -- *provided* the sum it
-unmasks carries at least ``min_survivors`` noise shares from honest nodes. Shares of nodes that
-collude with the server do not count (the server can subtract them), and for node-level
-add/remove adjacency a removed node also removes its own share, so count the *other* honest
-survivors. Rotation signs are public; rounding and noise randomness are the node's own
+Assumptions (threat model: a malicious server, see DESIGN.md): the noise is added by the nodes,
+so neither an honest-but-curious nor a malicious server sees an un-noised sum -- *provided* the
+sum it unmasks carries at least ``min_survivors`` noise shares from honest nodes. Shares of
+nodes that collude with the server do not count (the server can subtract them), and for
+node-level add/remove adjacency a removed node also removes its own share, so count the *other*
+honest survivors. Rotation signs are public; rounding and noise randomness are the node's own
 (``rng``, never derived from anything the server sends). The samplers use floating-point
 arithmetic (numpy's Poisson, and a vectorized form of Canonne, Kamath, Steinke 2020 Algorithm 3
 with float acceptance tests): exact up to floating-point rounding, like the reference code.
@@ -284,7 +284,7 @@ class DdpConfig:
         ``2^(b-1) = k * sqrt((n C)^2 / (d gamma^2) + n / 4 + m sigma^2 / gamma^2)`` (rotated
         signal of n aligned vectors, rounding, noise), i.e.
         ``gamma = 2 k sqrt((n C)^2 / d + m sigma^2) / sqrt(2^(2b) - k^2 n)`` -- Kairouz et al.
-        Section 4.4 / the reference ``heuristic_scale_factor`` (accounting_utils.py L121-173)
+        Section 4.4 / the reference ``heuristic_scale_factor`` (accounting_utils.py L121-168)
         with rho = 1 and separate counts for vectors and noise shares -- but never finer than
         ``local_stddev / MAX_LOCAL_STDDEV`` (see there), which only adds headroom.
         """

@@ -10,15 +10,16 @@ units* (the sensitivities and variances of :class:`aggregation.ddp.DdpConfig`):
 
       eps(a) = a D2^2 / (2 mu) + min(((2a - 1) D2^2 + 6 D1) / (4 mu^2), 3 D1 / (2 mu))
 
-  (google-research/federated distributed_dp/accounting_utils.py L491-497 ``_skellam_rdp``,
-  there in real units; dividing sensitivities by gamma and mu by gamma^2 gives this form).
+  (google-research/federated distributed_dp/accounting_utils.py at commit 5e27a86, L491-497
+  ``_skellam_rdp``, there in real units; dividing sensitivities by gamma and mu by gamma^2
+  gives this form).
 - Distributed discrete Gaussian (Kairouz, Liu, Steinke, ICML 2021, Proposition 14 with tau from
   Theorem 1): n shares of N_Z(0, sigma^2), s2 = D2 / sqrt(n sigma^2), s1 = D1 / sqrt(n sigma^2),
   tau = 10 sum_(k=1)^(n-1) exp(-2 pi^2 sigma^2 k / (k + 1))::
 
       eps(a) = min(a/2 s2^2 + tau d,  a/2 (s2^2 + 2 s1 tau + tau^2 d),  a/2 (s2 + sqrt(d) tau)^2)
 
-  (accounting_utils.py L313-356 ``compute_rdp_dgaussian`` and L378-383 for tau).
+  (accounting_utils.py L313-356 ``compute_rdp_dgaussian`` and L378-381 for tau).
 - Poisson subsampling with rate q < 1: the general upper bound of Zhu & Wang (ICML 2019,
   "Poisson Subsampled Renyi Differential Privacy"; optimal up to log(3)/(a-1)), valid for any
   mechanism at integer orders a >= 2::
