@@ -34,6 +34,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from aggregation.privacy import PrivacyLevel as PrivacyLevel
 from aggregation.types import Measurements, Update
 
 try:  # scipy comes with opacus; BLAS axpy makes the weighted mean one pass per client block.
@@ -58,20 +59,6 @@ DEFAULT_CHUNK_SIZE = 1 << 17
 """Elements per block in the weighted mean (512 KiB of float32: stays in L2 while a block of
 every client is folded in). Measured best on the benchmark machine, see
 ``benchmarks/bench_averaging.py``."""
-
-
-class PrivacyLevel(StrEnum):
-    """The job's privacy level (the learning form's names), as propagated to the aggregator."""
-
-    NONE = "none"
-    DP = "dp"
-    SECURE_AGG = "secure-agg"
-    DP_SECURE_AGG = "dp+secure-agg"
-
-    @property
-    def hides_individual_updates(self) -> bool:
-        """True when secure aggregation shows the server only the sum of the updates."""
-        return self in (PrivacyLevel.SECURE_AGG, PrivacyLevel.DP_SECURE_AGG)
 
 
 class AggregationMethod(StrEnum):

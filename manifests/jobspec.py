@@ -48,6 +48,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from aggregation.privacy import DpUnit as DpUnit
+from aggregation.privacy import PrivacyLevel as PrivacyLevel
 from manifests import catalog
 from manifests.catalog import CatalogEntry, Component, NodeType, NotTrainableError, Task
 from manifests.confighash import JsonValue, training_config_hash
@@ -73,37 +75,20 @@ class Optimizer(StrEnum):
     ADAMW = "adamw"
 
 
-class PrivacyLevel(StrEnum):
-    """How updates are protected; propagated to every client and the aggregator."""
-
-    NONE = "none"
-    DP = "dp"
-    SECURE_AGG = "secure-agg"
-    DP_SECURE_AGG = "dp+secure-agg"
-
-    @property
-    def uses_dp(self) -> bool:
-        """Whether clipping, noise and privacy accounting apply."""
-        return self in (PrivacyLevel.DP, PrivacyLevel.DP_SECURE_AGG)
-
-    @property
-    def uses_secure_agg(self) -> bool:
-        """Whether the server sees only the sum of masked updates."""
-        return self in (PrivacyLevel.SECURE_AGG, PrivacyLevel.DP_SECURE_AGG)
-
-
 class Sampling(StrEnum):
-    """How the server samples a round's nodes."""
+    """How a round's nodes are chosen.
+
+    ``uniform`` / ``poisson``: the server draws them (it knows who took part, so the
+    accountant credits no amplification by sampling). ``secret``: the server draws a cohort
+    (``clients_per_round``, or every eligible node) and each cohort node includes its data with
+    probability ``fraction`` from its own CSPRNG -- a node that does not include it contributes
+    zeros and its noise share, so the server cannot tell who did (secure aggregation levels
+    only); the accountant then credits Poisson amplification at rate ``fraction``.
+    """
 
     UNIFORM = "uniform"
     POISSON = "poisson"
-
-
-class DpUnit(StrEnum):
-    """What differential privacy protects: a node's whole data, or one example."""
-
-    NODE = "node"
-    EXAMPLE = "example"
+    SECRET = "secret"  # noqa: S105 -- a sampling method, not a password
 
 
 class ServerOptimizer(StrEnum):
@@ -172,7 +157,13 @@ class FederationSettings(BaseModel):
 
 class DpSettings(BaseModel):
     """Differential privacy: unit, clipping norm C, noise multiplier sigma (std = sigma * C)
-    or a target (epsilon, delta) to calibrate sigma for, and the epsilon budget."""
+    or a target (epsilon, delta) to calibrate sigma for, and the epsilon budget.
+
+    ``metrics_noise_multiplier``: the noise multiplier of every released metric sum (loss,
+    accuracy, counts; each unit's metric row has L2 norm <= 1). ``planned_dropout``: the
+    fraction of a round's nodes that may drop while the survivors' distributed noise still
+    meets the target (``dp+secure-agg``): each node adds the share of ``floor(N (1 - p))``
+    survivors, and refuses to unmask a sum of fewer."""
 
     model_config = _FROZEN
 
@@ -182,6 +173,8 @@ class DpSettings(BaseModel):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
     epsilon_budget: float | None = Field(None, gt=0)
+    metrics_noise_multiplier: float = Field(5.0, gt=0)
+    planned_dropout: float = Field(0.2, ge=0, le=0.5)
 
 
 class SecAggSettings(BaseModel):
@@ -560,11 +553,34 @@ def _privacy_problems(spec: JobSpec, ok: _Ok) -> list[str]:
         return problems
     level = spec.privacy_level
     dp = spec.dp
+    analytics = spec.task in (Task.PREPROC, Task.NORMALIZER)
     if level.uses_dp:
-        if ok("dp.clipping_norm") and dp.clipping_norm is None:
+        if ok("dp.clipping_norm") and dp.clipping_norm is None and not analytics:
             problems.append(
                 f"dp.clipping_norm: is required when privacy_level is {level} (the L2 bound C "
                 "on each update). Found none."
+            )
+        if ok("dp.clipping_norm") and dp.clipping_norm is not None and analytics:
+            problems.append(
+                "dp.clipping_norm: sensing statistics bound each example's contribution "
+                "themselves (every per-example row has L2 norm <= 1); remove it. Found "
+                f"{dp.clipping_norm}."
+            )
+        if ok("dp.unit") and analytics and dp.unit is not DpUnit.EXAMPLE:
+            problems.append(
+                "dp.unit: a sensing node's statistics sum grows with its data, so sensing jobs "
+                "protect one example: set dp.unit = example. Found node."
+            )
+        if (
+            ok("dp.unit", "dp.noise_multiplier", "dp.target_epsilon")
+            and not analytics
+            and dp.unit is DpUnit.EXAMPLE
+            and dp.target_epsilon is None
+        ):
+            problems.append(
+                "dp.target_epsilon: example-level DP-SGD is calibrated by each node from its "
+                "own example count (the server never learns it), so the job gives the target "
+                "epsilon, not a noise multiplier. Found none."
             )
         if ok("dp.noise_multiplier", "dp.target_epsilon"):
             if dp.noise_multiplier is None and dp.target_epsilon is None:
@@ -593,7 +609,15 @@ def _privacy_problems(spec: JobSpec, ok: _Ok) -> list[str]:
                 f"or training stops before reaching it. Found {dp.target_epsilon}."
             )
     else:
-        for name in ("unit", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget"):
+        for name in (
+            "unit",
+            "noise_multiplier",
+            "target_epsilon",
+            "delta",
+            "epsilon_budget",
+            "metrics_noise_multiplier",
+            "planned_dropout",
+        ):
             if ok(f"dp.{name}") and _differs_from_default(dp, name):
                 problems.append(
                     f"dp.{name}: is set but privacy_level is {level}, which applies no "
@@ -627,8 +651,24 @@ def _differs_from_default(settings: BaseModel, name: str) -> bool:
 def _federation_problems(spec: JobSpec, ok: _Ok) -> list[str]:
     problems: list[str] = []
     fed, sec = spec.federation, spec.secagg
+    if ok("federation.sampling", "privacy_level") and fed.sampling is Sampling.SECRET:
+        if not spec.privacy_level.uses_secure_agg:
+            problems.append(
+                "federation.sampling: secret sampling hides who included data inside the "
+                "secure sum, so it needs privacy_level secure-agg or dp+secure-agg. Found "
+                f"{spec.privacy_level}."
+            )
+        if ok("federation.fraction") and fed.fraction is None:
+            problems.append(
+                "federation.fraction: secret sampling includes each cohort node's data with "
+                "probability q; set federation.fraction (0 < q <= 1). Found none."
+            )
     if ok("federation.clients_per_round", "federation.fraction"):
-        if fed.clients_per_round is not None and fed.fraction is not None:
+        if (
+            fed.clients_per_round is not None
+            and fed.fraction is not None
+            and fed.sampling is not Sampling.SECRET
+        ):
             problems.append(
                 "federation.clients_per_round: set either clients_per_round or fraction, not "
                 f"both. Found {fed.clients_per_round} and {fed.fraction}."

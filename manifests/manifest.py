@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from aggregation.privacy import PrivacyLevel as PrivacyLevel
 from manifests.confighash import training_config_hash
 
 __all__ = [
@@ -57,7 +58,6 @@ SCHEMA_PATH: Final = Path(__file__).parent / "schema" / "artifact_manifest.schem
 RFC3339_UTC_PATTERN: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
 
 Precision = Literal["fp32", "fp16", "int8"]
-PrivacyLevel = Literal["none", "dp", "secure-agg", "dp+secure-agg"]
 
 
 # --------------------------------------------------------------------------- strict JSON
@@ -155,7 +155,12 @@ class DPParameters(_Strict):
 
     ``noise_multiplier`` is sigma (noise standard deviation divided by ``clipping_norm``); the
     guarantee is (``epsilon``, ``delta``)-DP for one ``unit`` (a node's whole data for
-    DP-FedAvg, one example for DP-SGD), as reported by ``accountant``.
+    DP-FedAvg, one example for DP-SGD), as reported by ``accountant``. ``mechanism`` says who
+    adds the noise and how (central Gaussian, distributed Skellam, per-node DP-SGD);
+    ``sampling`` whether amplification by sampling was credited and why;
+    ``metrics_noise_multiplier`` is the noise of every released metric sum. A claim with
+    ``deterministic_noise`` true was made with noise derived from a public seed (tests only):
+    it protects nothing and must not be relied on.
     """
 
     unit: Literal["node", "example"]
@@ -164,6 +169,10 @@ class DPParameters(_Strict):
     accountant: _NonEmpty
     epsilon: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
+    mechanism: _NonEmpty = "unspecified"
+    sampling: _NonEmpty = "unspecified"
+    metrics_noise_multiplier: float | None = Field(default=None, gt=0)
+    deterministic_noise: bool = False
 
 
 class SecAggParameters(_Strict):
