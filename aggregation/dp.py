@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -34,8 +34,10 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from aggregation.accountant import (
     AccountantKind,
+    PrivacyEvent,
     SubsampledGaussianEvent,
     as_real,
+    compute_epsilon,
     delta_problem,
     positive_problem,
     raise_problems,
@@ -522,3 +524,48 @@ class CentralDP:
         measurements[DPMeasurement.NEXT_CLIPPING_NORM] = next_norm
         next_state = DPState(clipping_norm=next_norm, rounds=state.rounds + 1)
         return DPAggregate(next_state, noised, measurements)
+
+
+def calibrate_for_events(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    events_for: Callable[[float], Sequence[PrivacyEvent]],
+    accountant: AccountantKind | str = AccountantKind.RDP,
+    epsilon_tolerance: float = 0.01,
+    upper: float = 1e4,
+) -> float:
+    """Smallest noise multiplier ``z`` (to ``epsilon_tolerance``) whose run of events
+    ``events_for(z)`` stays within ``target_epsilon`` at ``target_delta``.
+
+    For runs that mix releases with a fixed noise multiplier (e.g. metric sums) and releases
+    calibrated here: ``events_for`` returns the whole run for a candidate ``z``. Binary search
+    on ``z`` (epsilon decreases as ``z`` grows); the result never overshoots the target.
+    Raises ``ValueError`` when even ``upper`` does not reach it (the fixed releases alone
+    exceed the target).
+    """
+    eps = as_real("target_epsilon", target_epsilon)
+    delta = as_real("target_delta", target_delta)
+    raise_problems([positive_problem("target_epsilon", eps), delta_problem("target_delta", delta)])
+    kind = AccountantKind(accountant)
+
+    def epsilon(z: float) -> float:
+        return compute_epsilon(list(events_for(z)), delta=delta, kind=kind)
+
+    if epsilon(upper) > eps:
+        raise ValueError(
+            f"No noise multiplier up to {upper:g} reaches epsilon={eps} at delta={delta}: the "
+            "releases with a fixed noise multiplier (e.g. metrics) already spend more. Raise "
+            "the target epsilon or the metrics noise multiplier, or plan fewer rounds."
+        )
+    high = upper
+    while high > 1e-3 and epsilon(high / 2) <= eps:  # bracket: eps(high / 2) > target
+        high /= 2
+    low = high / 2
+    while high - low > 1e-4 * high and epsilon(high) < eps - epsilon_tolerance:
+        mid = (low + high) / 2
+        if epsilon(mid) <= eps:
+            high = mid
+        else:
+            low = mid
+    return float(high)

@@ -57,6 +57,10 @@ __all__ = [
 ]
 
 
+NOISE_SIGMAS = 3.0
+"""Loss changes within this many DP-noise standard errors are not counted by the trend rules."""
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -166,6 +170,8 @@ class RoundObservation:
     ``num_examples`` where every client reports it). Spread needs ``client_metrics``.
     ``noise_to_signal`` is the DP noise standard deviation on the aggregate divided by the
     aggregate's norm without noise (or an estimate of it), ``None`` without DP.
+    ``eval_loss_stderr``: the standard error of ``eval_loss`` that DP noise on the released
+    sums causes (``None``: exact); the trend rules discount changes within it.
 
     Non-finite values are accepted here (they are what the score must catch); structurally
     impossible ones (negative counts, more responses than samples) raise ``ValueError``.
@@ -180,6 +186,7 @@ class RoundObservation:
     eval_accuracy: float | None = None
     update_norm: float | None = None
     noise_to_signal: float | None = None
+    eval_loss_stderr: float | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -203,7 +210,13 @@ class RoundObservation:
             for key, value in metrics.items():
                 if not _is_number(value):
                     problems.append(f"client_metrics[{i}][{key!r}] must be a number")
-        for name in ("eval_loss", "eval_accuracy", "update_norm", "noise_to_signal"):
+        for name in (
+            "eval_loss",
+            "eval_accuracy",
+            "update_norm",
+            "noise_to_signal",
+            "eval_loss_stderr",
+        ):
             value = getattr(self, name)
             if value is not None and not _is_number(value):
                 problems.append(f"`{name}` must be a number or None, found {value!r}")
@@ -349,14 +362,21 @@ def score_round(
 
     prev_loss = previous.aggregate_loss() if previous is not None else None
     if loss is not None and prev_loss is not None and math.isfinite(prev_loss) and prev_loss > 0:
+        # DP noise on both losses: only what exceeds NOISE_SIGMAS standard errors counts.
+        prev_err = previous.eval_loss_stderr if previous is not None else None
+        noise = NOISE_SIGMAS * math.hypot(obs.eval_loss_stderr or 0.0, prev_err or 0.0)
         change = (loss - prev_loss) / prev_loss
         components["loss_change"] = change
-        if loss > policy.divergence_factor * prev_loss:
+        if noise:
+            components["loss_change_noise"] = noise / prev_loss
+        if loss - noise > policy.divergence_factor * prev_loss:
             return fatal(
                 f"divergence: eval loss {_fmt(loss)} > {_fmt(policy.divergence_factor)} x "
                 f"previous {_fmt(prev_loss)}"
+                + (f" (beyond DP noise of {_fmt(noise)})" if noise else "")
             )
-        deduct("loss_change", policy.loss_increase, change, "eval loss change")
+        beyond = max(0.0, loss - prev_loss - noise) / prev_loss if noise else change
+        deduct("loss_change", policy.loss_increase, beyond, "eval loss change")
 
     deduct("participation", policy.participation, obs.participation, "participation")
     deduct("dropout", policy.dropout, obs.dropout, "dropout")
