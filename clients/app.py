@@ -1,7 +1,8 @@
 """The fedbrain ClientApp: Flower ``Message`` s in, :class:`clients.node.Node` calls, replies out.
 
 One handler per message type of :mod:`clients.protocol` (``@app.query("node_info")``,
-``@app.train("fit")``, ``@app.train("secagg_advertise")`` ..., ``@app.evaluate("eval")``).
+``@app.train("fit")``, ``@app.evaluate("eval")``, and the SecAgg+ stages in both categories:
+``@app.train("secagg_advertise")`` ..., ``@app.evaluate("secagg_advertise")`` ...).
 Each parses the records (a malformed record is an error), runs the node logic and answers
 ``Message(content, reply_to=message)``. Any exception -- malformed input, a refused SecAgg+
 request, a failed training, an injected fault -- becomes an error reply
@@ -11,10 +12,11 @@ sees a dropout with a reason and the node stays ready for the next message.
 State: :class:`~clients.node.NodeState` lives in ``context.state`` (Flower keeps it per node
 and run, on the node) as three ConfigRecords: ``fedbrain.secagg`` (the SecAgg+ session of the
 round in progress, ``ClientSession.to_state_record()`` with ints wrapped to int64 and empty
-lists named in ``__empty_lists__``), ``fedbrain.secagg_round`` (``run_id``, ``round`` of the
-last session started) and ``fedbrain.dp_sgd`` (the node's DP-SGD steps as parallel lists
-``noise_multiplier``, ``sample_rate``, ``steps``). A failed message leaves the session records
-as they were; DP-SGD steps are recorded even when a later step of the message fails.
+lists named in ``__empty_lists__``), ``fedbrain.secagg_round`` (``run_id``, ``round`` and
+``category`` of the last session started) and ``fedbrain.dp_sgd`` (the node's DP-SGD steps
+as parallel lists ``noise_multiplier``, ``sample_rate``, ``steps``). A failed message leaves
+the session records as they were; DP-SGD steps are recorded even when a later step of the
+message fails.
 
 Simulation: ``context.node_config`` only holds ``partition-id``; :func:`make_client_app` gets
 the :class:`~clients.node.NodeConfig` per partition. Deployment (``flwr run`` loads
@@ -34,8 +36,6 @@ from flwr.app import (
     Context,
     Error,
     Message,
-    MetricRecord,
-    MetricRecordValues,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
@@ -45,7 +45,8 @@ from flwr.common.constant import ErrorCode
 from aggregation.accountant import SubsampledGaussianEvent
 from aggregation.secagg import Stage, message_from_record
 from clients import protocol
-from clients.node import Node, NodeConfig, NodeState, Weights
+from clients.config import NodeConfig
+from clients.node import Node, NodeState, Weights
 from clients.protocol import RoundConfig
 from manifests.jobspec import JobSpec, RunConfigValue
 
@@ -76,8 +77,14 @@ def _job(content: RecordDict) -> JobSpec:
     return JobSpec.from_run_config(values)
 
 
-def _round(content: RecordDict) -> RoundConfig:
-    return RoundConfig.from_record(_config(content, protocol.ROUND))
+def _round(content: RecordDict, category: str) -> RoundConfig:
+    rnd = RoundConfig.from_record(_config(content, protocol.ROUND))
+    if rnd.work.category != category:
+        raise ValueError(
+            f"A {category} message cannot carry {rnd.work} work (it belongs to "
+            f"{rnd.work.category} messages)."
+        )
+    return rnd
 
 
 def _weights(content: RecordDict) -> Weights | None:
@@ -140,9 +147,18 @@ def _load_state(store: RecordDict) -> NodeState:
     started = store.config_records.get(STATE_SECAGG_ROUND)
     if started is not None:
         run_id, server_round = started.get("run_id"), started.get("round")
-        if not isinstance(run_id, int) or not isinstance(server_round, int):
+        category = started.get("category", "train")
+        if (
+            not isinstance(run_id, int)
+            or not isinstance(server_round, int)
+            or not isinstance(category, str)
+        ):
             raise ValueError(f"Malformed `{STATE_SECAGG_ROUND}` state: {started}.")
-        state.secagg_round = (protocol.from_wire_int(run_id), protocol.from_wire_int(server_round))
+        state.secagg_round = (
+            protocol.from_wire_int(run_id),
+            protocol.from_wire_int(server_round),
+            category,
+        )
     dp = store.config_records.get(STATE_DP)
     if dp is not None:
         columns = [dp.get(k) for k in ("noise_multiplier", "sample_rate", "steps")]
@@ -159,11 +175,6 @@ def _load_state(store: RecordDict) -> NodeState:
     return state
 
 
-def _metric_record(metrics: Mapping[str, int | float]) -> MetricRecord:
-    values: dict[str, MetricRecordValues] = dict(metrics)
-    return MetricRecord(values)
-
-
 def _store_state(state: NodeState, store: RecordDict) -> None:
     if state.secagg_session is None:
         if STATE_SECAGG in store:
@@ -171,9 +182,13 @@ def _store_state(state: NodeState, store: RecordDict) -> None:
     else:
         store[STATE_SECAGG] = _encode_session(state.secagg_session)
     if state.secagg_round is not None:
-        run_id, server_round = state.secagg_round
+        run_id, server_round, category = state.secagg_round
         store[STATE_SECAGG_ROUND] = ConfigRecord(
-            {"run_id": protocol.to_wire_int(run_id), "round": protocol.to_wire_int(server_round)}
+            {
+                "run_id": protocol.to_wire_int(run_id),
+                "round": protocol.to_wire_int(server_round),
+                "category": category,
+            }
         )
     if state.dp_events:
         store[STATE_DP] = ConfigRecord(
@@ -194,25 +209,27 @@ def _node_info(node: Node, message: Message, state: NodeState) -> RecordDict:
     return RecordDict({protocol.NODE_INFO_RECORD: info.to_record()})
 
 
-def _fit(node: Node, message: Message, state: NodeState) -> RecordDict:
-    content = message.content
-    job, rnd = _job(content), _round(content)
-    node.check_fault(protocol.FIT, rnd.server_round)
-    result = node.fit(job, rnd, _weights(content), state)
-    return RecordDict(
-        {
-            protocol.UPDATE: protocol.weights_to_record(result.names, result.update),
-            protocol.METRICS: _metric_record(result.metrics),
-        }
-    )
-
-
-def _secagg(stage: Stage) -> _Work:
-    message_type = protocol.STAGE_MESSAGE_TYPE[stage]
+def _plain(category: str) -> _Work:
+    message_type = protocol.FIT if category == "train" else protocol.EVALUATE
 
     def work(node: Node, message: Message, state: NodeState) -> RecordDict:
         content = message.content
-        job, rnd = _job(content), _round(content)
+        job, rnd = _job(content), _round(content, category)
+        node.check_fault(message_type, rnd.server_round)
+        summed = node.plain(job, rnd, _weights(content), state)
+        out = RecordDict()
+        protocol.summed_to_content(summed, out)
+        return out
+
+    return work
+
+
+def _secagg(category: str, stage: Stage) -> _Work:
+    message_type = protocol.secagg_message_type(category, stage)
+
+    def work(node: Node, message: Message, state: NodeState) -> RecordDict:
+        content = message.content
+        job, rnd = _job(content), _round(content, category)
         node.check_fault(message_type, rnd.server_round)
         request = message_from_record(protocol.secagg_from_content(content))
         if request.stage is not stage or request.KIND != "request":
@@ -221,22 +238,12 @@ def _secagg(stage: Stage) -> _Work:
                 f"{request.stage} {request.KIND}."
             )
         weights = _weights(content) if stage is Stage.MASKED_INPUT else None
-        reply, metrics = node.secagg(job, rnd, request, weights, state)
+        reply = node.secagg(job, rnd, request, weights, state)
         out = RecordDict()
         protocol.secagg_to_content(reply.to_record(), out)
-        if stage is Stage.MASKED_INPUT:
-            out[protocol.METRICS] = _metric_record(metrics)
         return out
 
     return work
-
-
-def _evaluate(node: Node, message: Message, state: NodeState) -> RecordDict:
-    content = message.content
-    job, rnd = _job(content), _round(content)
-    node.check_fault(protocol.EVALUATE, rnd.server_round)
-    metrics = node.evaluate(job, rnd, _weights(content))
-    return RecordDict({protocol.METRICS: _metric_record(metrics)})
 
 
 # ------------------------------------------------------------------------------- app
@@ -302,9 +309,13 @@ def make_client_app(nodes: Mapping[int, NodeConfig] | None = None) -> ClientApp:
     }
     handlers: dict[str, _Work] = {
         protocol.NODE_INFO: _node_info,
-        protocol.FIT: _fit,
-        **{kind: _secagg(stage) for stage, kind in protocol.STAGE_MESSAGE_TYPE.items()},
-        protocol.EVALUATE: _evaluate,
+        protocol.FIT: _plain("train"),
+        protocol.EVALUATE: _plain("evaluate"),
+        **{
+            protocol.secagg_message_type(category, stage): _secagg(category, stage)
+            for category in ("train", "evaluate")
+            for stage in protocol.STAGE_MESSAGE_TYPE
+        },
     }
     for message_type, work in handlers.items():
         category, action = message_type.split(".")

@@ -3,61 +3,52 @@
 :class:`Node` answers one message at a time with plain objects -- a validated
 :class:`~manifests.jobspec.JobSpec`, a :class:`~clients.protocol.RoundConfig`, named float32
 weights, a parsed SecAgg+ request -- and :mod:`clients.app` translates Flower ``Message`` s to
-and from them. Whatever a node must remember between messages (its SecAgg+ session, the
-DP-SGD steps it has taken) lives in a :class:`NodeState` that the adapter keeps in Flower's
-``Context.state``.
+and from them. What a node remembers between messages (its SecAgg+ session, the DP-SGD steps
+it has taken, the last round it worked for) lives in a :class:`NodeState` that the adapter
+keeps in Flower's ``Context.state``.
 
-Data layout: a node's ``data_dir`` has one folder per :class:`~clients.demo_data.Modality`
-(``vision/``, ``audio/``, ``text/``, ``lm/``, ``iot/``), as ``write_demo_dataset`` writes them;
-:func:`modality_for_job` says which folder a job reads. Loaded data is cached per process
-(:func:`clear_data_cache`). Model jobs hold out a fixed, seeded 20 % of the examples (per class
-when labelled) for ``evaluate.eval`` and train on the rest.
+Every collection is one :func:`Node.contribution` (:class:`aggregation.codec.Contribution`):
 
-Training (``train.fit`` and ``train.secagg_masked``): set the global weights, train
-``job.epochs`` epochs (at most ``round.local_steps`` optimizer steps when > 0), optionally
-with Opacus DP-SGD (``round.dp_noise_multiplier > 0``), then clip the update
-``delta = local - global`` to ``round.clipping_norm`` (when > 0). Randomness: augmentations,
-shuffling, dropout and the stochastic rounding of SecAgg+ are seeded from ``round.seed`` and
-the node id, so a simulation is reproducible. Under DP-SGD the Poisson batch sampling and the
-gradient noise come from ``os.urandom`` instead: the server knows ``round.seed``, and noise it
-could recompute would protect nothing (Abadi et al. 2016 assume both are secret). The node's
-example-level epsilon composes over every DP-SGD step it has taken in the run (RDP, Opacus) and
-is reported at ``round.dp_delta``.
+- ``fit``: set the global weights, train ``job.epochs`` epochs (example-level DP: Opacus
+  DP-SGD with a noise multiplier this node calibrates from its own example count,
+  :func:`clients.jobs.dp_sgd_noise_multiplier`), clip the update ``local - global`` to the
+  job's update bound; metrics: counts (and, without DP, the training loss);
+- ``evaluate``: per held-out example, the global model's loss and correctness (the trained
+  classifier's top-1, or an LM's next-byte accuracy and a public unigram baseline), clipped
+  to the job's bounds (node-level DP: this node's means, one row);
+- ``ranges`` / ``moments``: federated analytics of the sensing normalizers, one normalised row
+  per example (:mod:`clients.datasets`).
 
-Embed jobs train supervised when labels exist (the learning form's rule): the model gets a
-classifier head over the modality's label space (:data:`LABEL_CLASSES`) and trains with
-cross-entropy; the embedding is the projection before the head. Class folders named
-``<k>-<name>`` (the demo layout) give label ``k`` on every node. A job that lists
-``augmentations`` asks for contrastive training instead (NT-Xent over two augmented views, no
-labels) -- except under example-level DP, where NT-Xent cannot be used (it mixes the examples
-of a batch, so one example's influence is unbounded) and the job stays supervised.
-
-Sensing jobs train no model: a node sends the clipped sum of per-example statistics described
-in :mod:`clients.sensing` (:func:`sensing_contribution`); the server turns the global sum into
-the normalizer artifact (:func:`normalizer_from_sum`, :func:`normalizer_tensors`).
+How it leaves the node: in the clear (:meth:`Node.plain`, levels ``none`` and ``dp`` only), or
+encoded into the ring vector, with this node's share of distributed noise under
+``dp+secure-agg``, and masked by SecAgg+ (:meth:`Node.secagg`). Under a secure-agg level a
+node never answers a clear-text request. Privacy parameters come from the job, never from the
+server; randomness that protects privacy (DP-SGD sampling and noise, stochastic rounding,
+distributed noise, secret sampling) comes from ``os.urandom``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Final, TypeVar, cast
+from functools import cache
+from importlib import resources
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from aggregation.accountant import SubsampledGaussianEvent, compute_epsilon
-from aggregation.dp import clip_for_submission, global_norm
+from aggregation.accountant import SubsampledGaussianEvent
+from aggregation.codec import EXAMPLE_CAP, Contribution, Metric, RingLayout, Summed
+from aggregation.dp import clip_update
 from aggregation.dp_sgd import PrivateTraining, make_private
+from aggregation.privacy import DpUnit, WorkloadKind
 from aggregation.secagg import (
     AdvertiseKeysRequest,
     ClientPhase,
@@ -68,658 +59,96 @@ from aggregation.secagg import (
     SecAggRefusedError,
 )
 from clients import protocol
-from clients.data import (
-    ChannelCountError,
-    DataError,
-    EmptyDataError,
-    FolderNotFoundError,
-    LabelledDataset,
-    SampleRateError,
-    load_audio,
-    load_corpus,
-    load_images,
-    load_sensor_csv,
-    load_texts,
-    read_wav,
+from clients.config import FaultInjectedError, NodeConfig
+from clients.data import DataError, EmptyDataError
+from clients.datasets import (
+    ModelData,
+    StepBudget,
+    data_path,
+    histogram_rows,
+    model_data,
+    moment_rows,
+    sensing_values,
 )
-from clients.demo_data import AUDIO_CLASSES, TEXT_TOPICS, VISION_CLASSES, Modality
+from clients.jobs import (
+    HISTOGRAM_BINS,
+    analytics_row_bound,
+    dp_sgd_noise_multiplier,
+    dp_sgd_steps,
+    job_privacy,
+    loss_bound,
+    metrics_for,
+    min_survivors,
+    modality_for_job,
+    model_spec_for_job,
+    ring_layout,
+    sensing_ranges,
+    update_length_for,
+    workload_for_job,
+)
 from clients.models import (
-    ModelFamily,
-    ModelSpec,
     build_model,
-    family_for_base_model,
     get_weights,
     model_fingerprint,
     set_weights,
-    spec_for_base_model,
     weight_names,
 )
-from clients.protocol import NodeInfo, RoundConfig, summable_vector
-from clients.sensing import (
-    CAMERA_RANGES,
-    IOT_RANGES,
-    FeatureRanges,
-    Normalizer,
-    audio_example_moments,
-    audio_ranges,
-    camera_example_moments,
-    clipped_sum,
-    contribution_length,
-    example_contributions,
-    iot_example_moments,
-    normalizer_from_moment_sum,
-)
-from clients.training import EmbedLoss, evaluate, make_optimizer, train_local
-from manifests.catalog import NodeType, NotTrainableError, Task
-from manifests.jobspec import DpUnit, JobSpec
+from clients.protocol import NodeInfo, RoundConfig, Work
+from clients.training import EmbedLoss, evaluation_rows, make_optimizer, train_local
+from manifests.catalog import Task
+from manifests.jobspec import JobSpec, Sampling
 
-__all__ = [
-    "AUDIO_CLIP_SECONDS",
-    "DEFAULT_CAMERA_INPUT_SIZE",
-    "HOLDOUT_FRACTION",
-    "LABEL_CLASSES",
-    "PRECLIP_NORM",
-    "SENSING_N_MELS",
-    "SENSING_UPDATE",
-    "SUPPORTED_NODE_TYPES",
-    "WAS_CLIPPED",
-    "Fault",
-    "FaultInjectedError",
-    "FitResult",
-    "Node",
-    "NodeConfig",
-    "NodeConfigError",
-    "NodeState",
-    "Weights",
-    "clear_data_cache",
-    "holdout_split",
-    "modality_for_job",
-    "model_spec_for_job",
-    "normalizer_from_sum",
-    "normalizer_tensors",
-    "sensing_contribution",
-    "sensing_ranges",
-    "sensing_vector_length",
-]
-
-SUPPORTED_NODE_TYPES: Final = (NodeType.SENSING, NodeType.ENCODER, NodeType.INFERENCE)
-"""Node types that have something to train (inference nodes fine-tune the language model)."""
-
-HOLDOUT_FRACTION: Final = 0.2
-_HOLDOUT_SEED: Final = 20_251_126
-AUDIO_CLIP_SECONDS: Final = 1.0
-"""Length of the clips an audio encoder trains on (cut or zero-padded)."""
-DEFAULT_CAMERA_INPUT_SIZE: Final = 224
-"""Image side the camera statistics are computed at when the job sets no ``input_size``."""
-SENSING_N_MELS: Final = 40
-LABEL_CLASSES: Final[Mapping[Modality, int]] = {
-    Modality.VISION: len(VISION_CLASSES),
-    Modality.AUDIO: len(AUDIO_CLASSES),
-    Modality.TEXT: len(TEXT_TOPICS),
-}
-"""Classifier size of supervised embed models, per modality (the demo data's label spaces)."""
-
-SENSING_UPDATE: Final = "statistics"
-"""Name of the one array in a sensing node's ``update`` record (``train.fit``)."""
-PRECLIP_NORM: Final = "preclip_norm"
-WAS_CLIPPED: Final = "was_clipped"
+__all__ = ["Node", "NodeState", "Weights", "public_unigram_log_probs"]
 
 Weights = Sequence[tuple[str, npt.NDArray[np.float32]]]
 """Named arrays in model order, as the ``weights`` record carries them (None: no record)."""
 
-FloatArray = npt.NDArray[np.float64]
-T = TypeVar("T")
-
-
-class NodeConfigError(ValueError):
-    """A node configuration that cannot be used; the message says which key and why."""
-
-
-class FaultInjectedError(RuntimeError):
-    """Raised on purpose by a configured :class:`Fault` (tests and simulations)."""
-
-
-# --------------------------------------------------------------------------- config
-
-_MESSAGE_TYPES: Final = (
-    protocol.NODE_INFO,
-    protocol.FIT,
-    protocol.SECAGG_ADVERTISE,
-    protocol.SECAGG_SHARE,
-    protocol.SECAGG_MASKED,
-    protocol.SECAGG_UNMASK,
-    protocol.EVALUATE,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    """Fail on purpose when handling ``message_type`` in ``server_round`` (None: every round).
-
-    Written ``"<message type>@<round>"`` or ``"<message type>"``, e.g.
-    ``"train.secagg_masked@2"``. ``query.node_info`` carries no round: only a round-less
-    fault applies to it.
-    """
-
-    message_type: str
-    server_round: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.message_type not in _MESSAGE_TYPES:
-            raise NodeConfigError(
-                f"fail-on: unknown message type {self.message_type!r}; choose one of "
-                f"{', '.join(_MESSAGE_TYPES)}."
-            )
-        if self.server_round is not None and self.server_round < 0:
-            raise NodeConfigError(f"fail-on: the round must be >= 0. Found {self.server_round}.")
-
-    @classmethod
-    def parse(cls, text: str) -> Fault:
-        """A fault from ``"<message type>[@<round>]"``."""
-        kind, at, round_text = text.strip().partition("@")
-        if not at:
-            return cls(kind)
-        try:
-            server_round = int(round_text)
-        except ValueError:
-            raise NodeConfigError(
-                f"fail-on: {text.strip()!r} must be <message type>@<round number>."
-            ) from None
-        return cls(kind, server_round)
-
-    def matches(self, message_type: str, server_round: int | None) -> bool:
-        """Whether this fault fires for the message."""
-        return self.message_type == message_type and self.server_round in (None, server_round)
-
-    def __str__(self) -> str:
-        if self.server_round is None:
-            return self.message_type
-        return f"{self.message_type}@{self.server_round}"
-
-
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    """A node: its type, its data folder, a display name and faults to inject.
-
-    ``noop_training``: a protocol drill -- the node answers every message as usual (node info,
-    the SecAgg+ stages, evaluation) but skips local training: its update is all zeros and its
-    evaluation reports only the example count. For benchmarks of the protocol and for checking
-    a deployment end to end without spending compute.
-    """
-
-    node_type: NodeType
-    data_dir: Path
-    name: str = ""
-    faults: tuple[Fault, ...] = ()
-    noop_training: bool = False
-
-    def __post_init__(self) -> None:
-        try:
-            node_type = NodeType(self.node_type)
-        except ValueError:
-            raise NodeConfigError(
-                f"node-type: unknown node type {self.node_type!r}; a training node is one of "
-                f"{', '.join(SUPPORTED_NODE_TYPES)}."
-            ) from None
-        if node_type not in SUPPORTED_NODE_TYPES:
-            raise NodeConfigError(
-                f"node-type: {node_type} nodes have nothing to train in fedbrain; a training "
-                f"node is one of {', '.join(SUPPORTED_NODE_TYPES)}."
-            )
-        object.__setattr__(self, "node_type", node_type)
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
-        object.__setattr__(self, "faults", tuple(self.faults))
-
-    @classmethod
-    def from_flower(cls, node_config: Mapping[str, str | int | float | bool]) -> NodeConfig:
-        """Read a SuperNode's ``node_config``: ``node-type``, ``data-dir``, optional ``name``,
-        ``fail-on`` (comma-separated faults, e.g. ``"train.secagg_masked@2"``) and
-        ``noop-training`` (bool)."""
-        problems: list[str] = []
-
-        def text(key: str, *, required: bool) -> str:
-            value = node_config.get(key)
-            if value is None:
-                if required:
-                    problems.append(f"{key}: is required (set it in the SuperNode's node config).")
-                return ""
-            if not isinstance(value, str) or (required and not value.strip()):
-                problems.append(f"{key}: must be non-empty text. Found {value!r}.")
-                return ""
-            return value.strip()
-
-        node_type = text("node-type", required=True)
-        data_dir = text("data-dir", required=True)
-        name = text("name", required=False)
-        faults: list[Fault] = []
-        for item in text("fail-on", required=False).split(","):
-            if item.strip():
-                try:
-                    faults.append(Fault.parse(item))
-                except NodeConfigError as error:
-                    problems.append(str(error))
-        noop = node_config.get("noop-training", False)
-        if not isinstance(noop, bool):
-            problems.append(f"noop-training: must be true or false. Found {noop!r}.")
-        if not problems:
-            try:
-                return cls(
-                    cast(NodeType, node_type),
-                    Path(data_dir).expanduser(),
-                    name,
-                    tuple(faults),
-                    noop_training=bool(noop),
-                )
-            except NodeConfigError as error:
-                problems.append(str(error))
-        raise NodeConfigError("Invalid node config: " + " ".join(problems))
-
-
-# ------------------------------------------------------------------------- jobs
-
-
-_SENSING_MODALITY: Final[Mapping[str, Modality]] = {
-    "sensing-camera-preproc-v1": Modality.VISION,
-    "sensing-audio-preproc-v1": Modality.AUDIO,
-    "sensing-iot-normalizer-v1": Modality.IOT,
-}
-_FAMILY_MODALITY: Final[Mapping[ModelFamily, Modality]] = {
-    ModelFamily.VIT: Modality.VISION,
-    ModelFamily.WAV2VEC2: Modality.AUDIO,
-    ModelFamily.MPNET: Modality.TEXT,
-    ModelFamily.GPT2: Modality.LM,
-}
-
-
-def modality_for_job(job: JobSpec) -> Modality:
-    """The data folder a job trains on (``ValueError`` for jobs fedbrain cannot train)."""
-    if job.task is Task.DETECTION:
-        raise ValueError(f"task 'detection' is not supported yet (job on {job.base_model}).")
-    try:
-        entry = job.catalog_entry
-    except NotTrainableError as error:
-        raise ValueError(str(error)) from None
-    if entry.node_type is NodeType.SENSING:
-        try:
-            return _SENSING_MODALITY[entry.id]
-        except KeyError:
-            raise ValueError(f"Sensing artifact {entry.id} is not supported yet.") from None
-    family = family_for_base_model(job.base_model)
-    modality = _FAMILY_MODALITY[family]
-    if (modality is Modality.LM) != (job.task is Task.LM_FINETUNE):
-        raise ValueError(
-            f"task {job.task} on {job.base_model} is not supported yet: {family} models train "
-            f"{'lm-finetune' if modality is Modality.LM else 'embed'}."
-        )
-    return modality
-
-
-def _is_sensing(job: JobSpec) -> bool:
-    modality_for_job(job)  # refuses jobs fedbrain cannot train
-    return job.catalog_entry.node_type is NodeType.SENSING
-
-
-def model_spec_for_job(job: JobSpec) -> ModelSpec:
-    """The model a (non-sensing) job trains; server and nodes build it alike.
-
-    The learning form's architecture and input fields override the base config. Embed jobs
-    trained supervised (see the module docstring) get a classifier head over
-    :data:`LABEL_CLASSES`.
-    """
-    modality = modality_for_job(job)
-    if _is_sensing(job):
-        raise ValueError(f"{job.catalog_entry.id} is a sensing job: it trains no model.")
-    num_classes = None
-    if job.task is Task.EMBED and (not job.augmentations or _example_dp(job)):
-        num_classes = LABEL_CLASSES[modality]
-    return spec_for_base_model(
-        job.base_model,
-        hidden_size=job.hidden_size,
-        num_layers=job.num_layers,
-        num_heads=job.num_heads,
-        embedding_dim=job.embedding_dim if modality is not Modality.LM else None,
-        num_classes=num_classes,
-        input_size=job.input_size,
-        sample_rate=job.sample_rate,
-        max_seq_length=job.max_seq_length,
-    )
-
-
-def _example_dp(job: JobSpec) -> bool:
-    return job.privacy_level.uses_dp and job.dp.unit is DpUnit.EXAMPLE
-
-
-# ------------------------------------------------------------------------ sensing
-
-
-def sensing_ranges(job: JobSpec) -> FeatureRanges:
-    """The features and public ranges of a sensing job (``ValueError`` for other jobs)."""
-    modality = modality_for_job(job)
-    if not _is_sensing(job):
-        raise ValueError(f"{job.catalog_entry.id} is not a sensing job.")
-    if modality is Modality.VISION:
-        return CAMERA_RANGES
-    if modality is Modality.AUDIO:
-        return audio_ranges(SENSING_N_MELS)
-    return IOT_RANGES
-
-
-def sensing_vector_length(job: JobSpec) -> int:
-    """Length of a sensing node's contribution (camera 7, audio 81, IoT 11)."""
-    return contribution_length(len(sensing_ranges(job).features))
-
-
-def _sensing_rows(job: JobSpec, data_dir: Path) -> FloatArray:
-    """Per-example contributions ``(N, 1 + 2F)`` of the node's data (cached)."""
-    modality = modality_for_job(job)
-    sensing_ranges(job)  # refuses non-sensing jobs
-    folder = _data_path(data_dir) / modality.value
-    if modality is Modality.VISION:
-        size = job.input_size or DEFAULT_CAMERA_INPUT_SIZE
-
-        def camera() -> FloatArray:
-            images = load_images(folder, input_size=size).inputs.numpy().transpose(0, 2, 3, 1)
-            return example_contributions(*camera_example_moments(images))
-
-        return _cached(("sensing", folder, modality, size), camera)
-    if modality is Modality.AUDIO:
-        rate = job.sample_rate or 16_000
-
-        def audio() -> FloatArray:
-            clips = _read_clips(folder, rate)
-            moments = audio_example_moments(clips, sample_rate=rate, n_mels=SENSING_N_MELS)
-            return example_contributions(*moments)
-
-        return _cached(("sensing", folder, modality, rate), audio)
-
-    def iot() -> FloatArray:
-        table = load_sensor_csv(folder)
-        missing = [c for c in IOT_RANGES.features if c not in table.columns]
-        if missing:
-            raise DataError(
-                f"The sensor logs in {str(folder)!r} lack the columns {missing} "
-                f"(they have {list(table.columns)})."
-            )
-        values = table.values[:, [table.columns.index(c) for c in IOT_RANGES.features]]
-        complete = values[np.all(np.isfinite(values), axis=1)]
-        if complete.shape[0] == 0:
-            raise EmptyDataError(folder, "complete sensor rows (every row has an empty cell)")
-        return example_contributions(*iot_example_moments(complete))
-
-    return _cached(("sensing", folder, modality), iot)
-
-
-def _read_clips(folder: Path, sample_rate: int) -> list[FloatArray]:
-    if not folder.is_dir():
-        raise FolderNotFoundError(folder)
-    paths = sorted(p for p in folder.rglob("*.wav") if p.is_file())
-    if not paths:
-        raise EmptyDataError(folder, "WAV files")
-    clips = []
-    for path in paths:
-        data, rate = read_wav(path)
-        if data.shape[0] != 1:
-            raise ChannelCountError(path, data.shape[0])
-        if rate != sample_rate:
-            raise SampleRateError(path, rate, sample_rate)
-        if data.shape[1] == 0:
-            raise DataError(f"{str(path)!r} holds no samples.")
-        clips.append(data[0])
-    return clips
-
-
-def sensing_contribution(
-    job: JobSpec, node_data_dir: Path, clipping_norm: float
-) -> tuple[npt.NDArray[np.float32], int]:
-    """A node's contribution to a sensing round and its number of examples.
-
-    The sum over the node's examples of their contribution vectors, each L2-clipped to
-    ``clipping_norm`` first (0 = no clipping); see :mod:`clients.sensing`.
-    """
-    rows = _sensing_rows(job, node_data_dir)
-    total = clipped_sum(rows, clipping_norm=clipping_norm)
-    return total.astype(np.float32), int(rows.shape[0])
-
-
-def normalizer_from_sum(job: JobSpec, summed_vector: npt.ArrayLike) -> Normalizer:
-    """The normalizer (mean and std per feature, original units) of the global sum."""
-    return normalizer_from_moment_sum(sensing_ranges(job), summed_vector)
-
-
-def normalizer_tensors(normalizer: Normalizer) -> dict[str, npt.NDArray[np.float32]]:
-    """The normalizer's weights for ``model.safetensors``: ``mean``, ``std``, ``count``."""
-    return {
-        "mean": np.asarray(normalizer.mean, dtype=np.float32),
-        "std": np.asarray(normalizer.std, dtype=np.float32),
-        "count": np.asarray(normalizer.count, dtype=np.float32),
-    }
-
-
-# --------------------------------------------------------------------------- data
-
-_CACHE: dict[tuple[object, ...], object] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def _cached(key: tuple[object, ...], load: Callable[[], T]) -> T:
-    """The cached value for ``key``, loading it once per process (failures are not cached)."""
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = load()
-        return cast(T, _CACHE[key])
-
-
-def clear_data_cache() -> None:
-    """Forget every loaded dataset (the next message reads the folders again)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def _data_path(data_dir: Path) -> Path:
-    return Path(data_dir).expanduser().resolve()
-
-
-def holdout_split(
-    labels: npt.ArrayLike, *, fraction: float = HOLDOUT_FRACTION, seed: int = _HOLDOUT_SEED
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Deterministic ``(train, held_out)`` example indices (sorted).
-
-    Labelled examples (label >= 0) are split per class, ``round(fraction * count)`` held out
-    from each; unlabelled ones together. At least one example is held out from a group of two
-    or more, and at least one is kept for training.
-    """
-    y = np.asarray(labels, dtype=np.int64).reshape(-1)
-    rng = np.random.default_rng(seed)
-    held: list[npt.NDArray[np.int64]] = []
-    for label in np.unique(y):
-        members = np.flatnonzero(y == label)
-        count = members.size
-        n_out = 0 if count < 2 else min(count - 1, max(1, math.floor(fraction * count + 0.5)))
-        held.append(rng.permutation(members)[:n_out])
-    out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    keep = np.setdiff1d(np.arange(y.size), out)
-    return keep.astype(np.int64), out.astype(np.int64)
-
-
-_PREFIXED = re.compile(r"^(\d+)-")
-
-
-def _canonical_labels(data: LabelledDataset) -> LabelledDataset:
-    """Relabel class folders named ``<k>-<name>`` to ``k`` (the same label on every node)."""
-    matches = [_PREFIXED.match(name) for name in data.classes]
-    prefixes = [int(m.group(1)) for m in matches if m is not None]
-    if (
-        not data.classes
-        or len(prefixes) != len(data.classes)
-        or len(set(prefixes)) != len(prefixes)
-    ):
-        return data
-    mapping = torch.tensor(prefixes)
-    labels = torch.where(data.labels >= 0, mapping[data.labels.clamp(min=0)], data.labels)
-    return LabelledDataset(data.inputs, labels)
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _ModelData:
-    train: Subset[tuple[torch.Tensor, torch.Tensor]]
-    held_out: Subset[tuple[torch.Tensor, torch.Tensor]]
-    labels: torch.Tensor  # of every example
-
-
-def _model_data(job: JobSpec, spec: ModelSpec, data_dir: Path) -> _ModelData:
-    modality = modality_for_job(job)
-    folder = _data_path(data_dir) / modality.value
-    loaders: dict[Modality, tuple[tuple[object, ...], Callable[[], LabelledDataset]]] = {
-        Modality.VISION: (
-            (spec.resolved_input_size,),
-            lambda: load_images(folder, input_size=spec.resolved_input_size),
-        ),
-        Modality.AUDIO: (
-            (spec.resolved_sample_rate, AUDIO_CLIP_SECONDS),
-            lambda: load_audio(
-                folder, sample_rate=spec.resolved_sample_rate, duration_s=AUDIO_CLIP_SECONDS
-            ),
-        ),
-        Modality.TEXT: (
-            (spec.resolved_max_seq_length,),
-            lambda: load_texts(folder, max_seq_length=spec.resolved_max_seq_length),
-        ),
-        Modality.LM: (
-            (spec.resolved_max_seq_length,),
-            lambda: load_corpus(folder, max_seq_length=spec.resolved_max_seq_length),
-        ),
-    }
-    params, load = loaders[modality]
-
-    def split() -> _ModelData:
-        data = _canonical_labels(load())
-        keep, out = holdout_split(data.labels.numpy())
-        return _ModelData(
-            train=Subset(data, keep.tolist()),
-            held_out=Subset(data, out.tolist()),
-            labels=data.labels,
-        )
-
-    return _cached(("model", folder, modality, *params), split)
-
-
-class _StepBudget(Sampler[list[int]]):
-    """Batches of shuffled indices, reshuffled every pass, ``steps`` batches in all."""
-
-    def __init__(self, size: int, batch_size: int, steps: int, generator: torch.Generator):
-        self.size, self.batch_size, self.steps, self.generator = size, batch_size, steps, generator
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        produced = 0
-        while produced < self.steps:
-            order = torch.randperm(self.size, generator=self.generator).tolist()
-            for start in range(0, self.size, self.batch_size):
-                if produced == self.steps:
-                    return
-                yield order[start : start + self.batch_size]
-                produced += 1
-
-
-class _WithoutLabels(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """A dataset whose labels read as -1 (evaluation metrics that need labels are skipped)."""
-
-    def __init__(self, inner: Subset[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, _ = self.inner[index]
-        return x, torch.tensor(-1, dtype=torch.int64)
-
-
-# --------------------------------------------------------------------------- state
+_PURPOSE_TRAIN: Final = 1
+_PURPOSE_EVAL: Final = 2
 
 
 @dataclass
 class NodeState:
     """What a node keeps between messages of one run (in Flower's ``Context.state``).
 
-    ``secagg_session``: ``ClientSession.to_state_record()`` of the round in progress (it
+    ``secagg_session``: ``ClientSession.to_state_record()`` of the collection in progress (it
     holds this round's secrets; it never leaves the node). ``secagg_round``: ``(run_id,
-    round)`` of the last SecAgg+ session started, so that a node never advertises keys twice
-    for one round. ``dp_events``: every DP-SGD step this node has taken, for its epsilon.
+    round, category)`` of the last SecAgg+ session started, so that a node never advertises
+    keys twice for one collection. ``dp_events``: every DP-SGD step this node has taken.
     """
 
     secagg_session: dict[str, object] | None = None
-    secagg_round: tuple[int, int] | None = None
+    secagg_round: tuple[int, int, str] | None = None
     dp_events: list[SubsampledGaussianEvent] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class FitResult:
-    """A node's local training round.
-
-    ``names``/``update``: the ``update`` record (the clipped delta in model order; for
-    sensing jobs the one array :data:`SENSING_UPDATE`). ``summable``: the vector SecAgg+ masks
-    (:func:`clients.protocol.summable_vector`, or the sensing contribution). ``metrics``: the
-    ``metrics`` record of ``train.fit``; :meth:`public_metrics` those that may accompany a
-    masked input.
-    """
-
-    names: tuple[str, ...]
-    update: tuple[npt.NDArray[np.float32], ...]
-    summable: npt.NDArray[np.float32]
-    metrics: dict[str, int | float]
-
-    def public_metrics(self) -> dict[str, int | float]:
-        """Metrics that say nothing about the update itself (no norm, no clipping flag)."""
-        keep = (
-            protocol.NUM_EXAMPLES,
-            protocol.TRAIN_LOSS,
-            protocol.TRAIN_SECONDS,
-            protocol.EXAMPLE_EPSILON,
-        )
-        return {k: v for k, v in self.metrics.items() if k in keep}
+@cache
+def public_unigram_log_probs() -> torch.Tensor:
+    """Byte log-probabilities of the public unigram baseline (ids 0-255; PAD/BOS/EOS ids are
+    given the probability of one sequence end in 64 bytes). From the byte counts of CPython's
+    ``pydoc_data.topics`` (public documentation text) shipped in ``public_unigram.json``."""
+    counts = json.loads(resources.files("clients").joinpath("public_unigram.json").read_text())
+    table = np.asarray(counts["counts"], dtype=np.float64)
+    probs = np.concatenate([table / table.sum() * (1 - 1 / 64), [1e-6, 1e-6, 1 / 64, 1e-6]])
+    return torch.as_tensor(np.log(probs / probs.sum()), dtype=torch.float32)
 
 
-# ---------------------------------------------------------------------------- node
+def _secret_seed() -> int:
+    """A seed from the OS's CSPRNG (for randomness the server must not know)."""
+    return int.from_bytes(os.urandom(8), "big") >> 1
 
 
-def _check_round(rnd: RoundConfig, *, sensing: bool) -> None:
-    problems = []
-    for name in ("clipping_norm", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta"):
-        value = getattr(rnd, name)
-        if not (math.isfinite(value) and value >= 0):
-            problems.append(f"`round.{name}` must be a finite number >= 0. Found {value}.")
-    if rnd.local_steps < 0:
-        problems.append(f"`round.local_steps` must be >= 0. Found {rnd.local_steps}.")
-    if rnd.dp_noise_multiplier > 0 and not problems:
-        if sensing:
-            problems.append("DP-SGD (`round.dp_noise_multiplier` > 0) does not apply to sensing.")
-        if not rnd.dp_max_grad_norm > 0:
-            problems.append(
-                "`round.dp_max_grad_norm` must be positive when `round.dp_noise_multiplier` > 0."
-                f" Found {rnd.dp_max_grad_norm}."
-            )
-        if not 0 < rnd.dp_delta < 1:
-            problems.append(
-                "`round.dp_delta` must be in (0, 1) when `round.dp_noise_multiplier` > 0 (the "
-                f"delta the node reports its epsilon at). Found {rnd.dp_delta}."
-            )
-    if problems:
-        raise ValueError("Invalid round config: " + " ".join(problems))
-
-
-_PURPOSE_TRAIN, _PURPOSE_EVAL, _PURPOSE_ROUNDING = 1, 2, 3
+def _secret_rng() -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "big")))
 
 
 class Node:
     """One node's answers to the protocol messages (:mod:`clients.protocol`).
 
-    ``node_id`` is the node's id in the federation (Flower's node id; SecAgg+ addresses the
-    node by it and round seeds mix it in). Methods that take a :class:`NodeState` update it in
-    place, and only when they succeed -- except DP-SGD steps, which are recorded as soon as
-    they are taken (a failure after training has still spent privacy).
+    ``node_id`` is the node's id in the federation (SecAgg+ addresses the node by it).
+    Methods that take a :class:`NodeState` update it in place, and only when they succeed --
+    except DP-SGD steps, which are recorded as soon as they are taken (a failure after
+    training has still spent privacy).
     """
 
     def __init__(self, config: NodeConfig, *, node_id: int, device: str | None = None) -> None:
@@ -736,12 +165,10 @@ class Node:
                     f"Node {self.config.name or self.node_id}: injected fault {fault}."
                 )
 
-    def _seed(self, rnd: RoundConfig, purpose: int) -> np.random.SeedSequence:
-        """This round's seed for one purpose, mixed with the node id (reproducible)."""
-        return np.random.SeedSequence([rnd.seed % 2**64, self.node_id % 2**64, purpose])
-
     def _torch_seed(self, rnd: RoundConfig, purpose: int) -> int:
-        return int(self._seed(rnd, purpose).generate_state(1, np.uint64)[0]) >> 1
+        """Seed of non-private randomness (shuffling, augmentations without DP)."""
+        state = np.random.SeedSequence([rnd.seed % 2**64, self.node_id % 2**64, purpose])
+        return int(state.generate_state(1, np.uint64)[0]) >> 1
 
     def _require_node_type(self, job: JobSpec) -> None:
         wanted = job.resolved_node_type
@@ -753,8 +180,8 @@ class Node:
 
     # -- query.node_info ----------------------------------------------------------------
     def node_info(self, job: JobSpec) -> NodeInfo:
-        """Whether this node can train ``job``, and with how many examples (never raises
-        for "not eligible": the reason is in words)."""
+        """Whether this node can work for ``job`` (never raises for "not eligible": the
+        reason is in words). It never says how many examples it holds."""
         node_type = str(self.config.node_type)
 
         def refuse(reason: str) -> NodeInfo:
@@ -763,17 +190,19 @@ class Node:
         try:
             wanted = job.resolved_node_type
             modality = modality_for_job(job)
+            workload = workload_for_job(job)
+            job_privacy(job)
         except ValueError as error:
-            return refuse(f"fedbrain cannot train this job: {error}")
+            return refuse(f"fedbrain cannot work for this job: {error}")
         if wanted is not self.config.node_type:
             return refuse(f"the job is for {wanted} nodes; this is a {node_type} node.")
-        folder = _data_path(self.config.data_dir) / modality.value
-        if _is_sensing(job):
+        folder = data_path(self.config.data_dir) / modality.value
+        if workload is WorkloadKind.ANALYTICS:
             try:
-                rows = _sensing_rows(job, self.config.data_dir)
+                sensing_values(job, self.config.data_dir)
             except (DataError, OSError) as error:
                 return refuse(f"the node's {modality} data cannot be used: {error}")
-            return NodeInfo(node_type=node_type, eligible=True, num_examples=int(rows.shape[0]))
+            return NodeInfo(node_type=node_type, eligible=True)
         try:
             spec = model_spec_for_job(job)
             with torch.device("meta"):
@@ -781,83 +210,80 @@ class Node:
         except (ValueError, TypeError, RuntimeError) as error:
             return refuse(f"the job's model does not build: {error}")
         try:
-            data = _model_data(job, spec, self.config.data_dir)
+            data = model_data(job, spec, self.config.data_dir)
         except (DataError, OSError) as error:
             return refuse(f"the node's {modality} data in {str(folder)!r} cannot be used: {error}")
+        if len(data.train) == 0:
+            return refuse(f"the node holds no {modality} training examples.")
         if spec.num_classes is not None:
             labels = data.labels
             if bool((labels < 0).any()) or int(labels.max()) >= spec.num_classes:
                 return refuse(
-                    f"example-level DP trains the embed task with a classifier over "
-                    f"{spec.num_classes} classes; the node's {modality} data must sit in class "
-                    f"folders 00-... to {spec.num_classes - 1:02d}-... ."
+                    f"the embed task trains a classifier over {spec.num_classes} classes; the "
+                    f"node's {modality} data must sit in class folders 00-... to "
+                    f"{spec.num_classes - 1:02d}-... ."
                 )
         return NodeInfo(
-            node_type=node_type,
-            eligible=True,
-            num_examples=len(data.train),
-            model_fingerprint=model_fingerprint(spec),
+            node_type=node_type, eligible=True, model_fingerprint=model_fingerprint(spec)
         )
 
-    # -- train.fit ----------------------------------------------------------------------
-    def fit(
+    # -- the work of one collection -----------------------------------------------------
+    def contribution(
         self, job: JobSpec, rnd: RoundConfig, weights: Weights | None, state: NodeState
-    ) -> FitResult:
-        """Train one round from the global ``weights`` (not used by sensing jobs)."""
+    ) -> Contribution:
+        """This node's contribution to the collection ``rnd.work`` (see the module doc)."""
         self._require_node_type(job)
-        sensing = _is_sensing(job)
-        _check_round(rnd, sensing=sensing)
-        if sensing:
-            start = time.perf_counter()
-            vector, n = sensing_contribution(job, self.config.data_dir, rnd.clipping_norm)
-            return FitResult(
-                names=(SENSING_UPDATE,),
-                update=(vector,),
-                summable=vector,
-                metrics={
-                    protocol.NUM_EXAMPLES: n,
-                    protocol.TRAIN_SECONDS: time.perf_counter() - start,
-                },
-            )
-        return self._train(job, rnd, weights, state)
+        workload = workload_for_job(job)
+        analytics = rnd.work in (Work.RANGES, Work.MOMENTS)
+        if analytics != (workload is WorkloadKind.ANALYTICS):
+            raise ValueError(f"A {workload} job has no {rnd.work} collections.")
+        if analytics:
+            return self._analytics(job, rnd)
+        if rnd.work is Work.FIT:
+            return self._fit(job, rnd, weights, state)
+        return self._evaluate(job, rnd, weights)
 
-    def _train(
+    def update_length(self, job: JobSpec) -> int:
+        """Values of this node's update for ``job`` (0 for analytics)."""
+        return update_length_for(job)
+
+    def _included(self, job: JobSpec) -> bool:
+        """Secret sampling: whether this node includes its data this round (own CSPRNG)."""
+        fed = job.federation
+        if fed.sampling is not Sampling.SECRET or fed.fraction is None:
+            return True
+        draw = int.from_bytes(os.urandom(8), "big") / 2**64
+        return draw < fed.fraction
+
+    def _fit(
         self, job: JobSpec, rnd: RoundConfig, weights: Weights | None, state: NodeState
-    ) -> FitResult:
+    ) -> Contribution:
+        privacy = job_privacy(job)
         spec = model_spec_for_job(job)
-        data = _model_data(job, spec, self.config.data_dir)
+        data = model_data(job, spec, self.config.data_dir)
         model = build_model(spec)
-        names, global_arrays = _check_weights(weight_names(model), weights)
-        if self.config.noop_training:
-            zeros = [np.zeros_like(a) for a in global_arrays]
-            return FitResult(
-                names=names,
-                update=tuple(zeros),
-                summable=summable_vector(zeros, was_clipped=False, preclip_norm=0.0),
-                metrics={
-                    protocol.NUM_EXAMPLES: len(data.train),
-                    PRECLIP_NORM: 0.0,
-                    WAS_CLIPPED: 0.0,
-                    protocol.TRAIN_SECONDS: 0.0,
-                },
+        _, global_arrays = _check_weights(weight_names(model), weights)
+        length = sum(int(a.size) for a in global_arrays)
+        specs = metrics_for(job, Work.FIT)
+        if self.config.noop_training or not self._included(job):
+            return Contribution(
+                update=np.zeros(length, dtype=np.float32),
+                metric_rows=np.zeros((0, len(specs))),
             )
         set_weights(model, global_arrays)
         n = len(data.train)
         if n == 0:
             raise EmptyDataError(self.config.data_dir, f"{modality_for_job(job)} training examples")
         steps = job.epochs * math.ceil(n / job.batch_size)
-        if rnd.local_steps > 0:
-            steps = min(steps, rnd.local_steps)
         generator = torch.Generator().manual_seed(self._torch_seed(rnd, _PURPOSE_TRAIN))
         embed_loss = EmbedLoss.SUPERVISED if spec.num_classes else EmbedLoss.NT_XENT
         private: PrivateTraining[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if rnd.dp_noise_multiplier > 0:
-            loader, private = self._private(job, rnd, model, data, steps, embed_loss)
+        if privacy.uses_dp_sgd:
+            loader, private = self._private(job, model, data, embed_loss)
         else:
             loader = DataLoader(
-                data.train, batch_sampler=_StepBudget(n, job.batch_size, steps, generator)
+                data.train, batch_sampler=StepBudget(n, job.batch_size, steps, generator)
             )
-        metrics: dict[str, int | float] = {}
         try:
             result = train_local(
                 model,
@@ -875,54 +301,48 @@ class Node:
         finally:
             if private is not None:
                 state.dp_events.extend(private.events())
-        if private is not None:
-            epsilon = compute_epsilon(state.dp_events, delta=rnd.dp_delta)
-            metrics[protocol.EXAMPLE_EPSILON] = epsilon
         model.to("cpu")
-        delta = [
-            (local - glob).astype(np.float32)
-            for local, glob in zip(get_weights(model), global_arrays, strict=True)
-        ]
-        if rnd.clipping_norm > 0:
-            clipped = clip_for_submission(delta, clipping_norm=rnd.clipping_norm)
-            update, norm, was_clipped = clipped.update, clipped.norm, clipped.was_clipped
-        else:
-            update, norm, was_clipped = delta, global_norm(delta), False
-        metrics.update(
-            {
-                protocol.NUM_EXAMPLES: result.num_examples,
-                protocol.TRAIN_LOSS: result.mean_loss,
-                protocol.TRAIN_SECONDS: result.seconds,
-                PRECLIP_NORM: norm,
-                WAS_CLIPPED: float(was_clipped),
-            }
+        delta = np.concatenate(
+            [
+                (local - glob).astype(np.float32).ravel()
+                for local, glob in zip(get_weights(model), global_arrays, strict=True)
+            ]
         )
-        return FitResult(
-            names=names,
-            update=tuple(update),
-            summable=summable_vector(update, was_clipped=was_clipped, preclip_norm=norm),
-            metrics=metrics,
-        )
+        clipped = False
+        if privacy.update_bound > 0:
+            result_clip = clip_update([delta], clipping_norm=privacy.update_bound)
+            delta, clipped = result_clip.update[0], result_clip.was_clipped
+        metrics = [s.metric for s in specs]
+        if metrics == [Metric.EXAMPLES]:  # example-level DP: one row per example
+            rows = np.ones((result.num_examples, 1), dtype=np.float64)
+        elif metrics == [Metric.CLIPPED]:  # node-level DP: this node's one bounded row
+            rows = np.array([[float(clipped)]], dtype=np.float64)
+        else:  # no DP: the node's sums (count, and the loss summed over its examples)
+            mean = result.mean_loss if math.isfinite(result.mean_loss) else 0.0
+            loss = min(specs[1].bound, max(0.0, mean))
+            rows = np.array([[result.num_examples, result.num_examples * loss]], np.float64)
+        return Contribution(update=delta, metric_rows=rows)
 
     def _private(
         self,
         job: JobSpec,
-        rnd: RoundConfig,
         model: torch.nn.Module,
-        data: _ModelData,
-        steps: int,
+        data: ModelData,
         embed_loss: EmbedLoss,
     ) -> tuple[
         DataLoader[tuple[torch.Tensor, torch.Tensor]],
         PrivateTraining[tuple[torch.Tensor, torch.Tensor]],
     ]:
-        """DP-SGD for ``steps`` Poisson batches, sampled and noised from ``os.urandom``."""
+        """DP-SGD for one round, Poisson-sampled and noised from ``os.urandom``, with the noise
+        multiplier this node calibrates for ``dp.target_epsilon`` from its own count."""
         if job.task is Task.EMBED and embed_loss is EmbedLoss.NT_XENT:
             raise ValueError(
-                "The round asks for DP-SGD, but this embed job trains with NT-Xent, which mixes "
-                "the examples of a batch: set the job's dp.unit to example (its model then has "
-                "a classifier head)."
+                "Example-level DP needs a supervised embed job (NT-Xent mixes the examples of a "
+                "batch); this node's data has no labels for the classifier head."
             )
+        n = len(data.train)
+        sigma = dp_sgd_noise_multiplier(job, n)
+        _, steps = dp_sgd_steps(job, n)
         loader = DataLoader(
             data.train,
             batch_size=job.batch_size,
@@ -936,8 +356,8 @@ class Node:
             model,
             optimizer,
             loader,
-            max_grad_norm=rnd.dp_max_grad_norm,
-            noise_multiplier=rnd.dp_noise_multiplier,
+            max_grad_norm=job_privacy(job).dp_sgd_max_grad_norm,
+            noise_multiplier=sigma,
             noise_generator=torch.Generator().manual_seed(_secret_seed()),
         )
         sampler = private.data_loader.batch_sampler
@@ -947,47 +367,75 @@ class Node:
         setattr(sampler, "steps", steps)  # noqa: B010 -- Opacus's sampler is untyped
         return loader, private
 
-    # -- evaluate.eval ------------------------------------------------------------------
-    def evaluate(
-        self, job: JobSpec, rnd: RoundConfig, weights: Weights | None
-    ) -> dict[str, int | float]:
-        """Metrics of the global ``weights`` on the held-out examples (sensing: the count)."""
-        self._require_node_type(job)
-        if _is_sensing(job):
-            rows = _sensing_rows(job, self.config.data_dir)
-            return {protocol.NUM_EXAMPLES: int(rows.shape[0])}
+    def _evaluate(self, job: JobSpec, rnd: RoundConfig, weights: Weights | None) -> Contribution:
         spec = model_spec_for_job(job)
-        data = _model_data(job, spec, self.config.data_dir)
+        data = model_data(job, spec, self.config.data_dir)
         model = build_model(spec)
         set_weights(model, _check_weights(weight_names(model), weights)[1])
+        specs = metrics_for(job, Work.EVALUATE)
         if self.config.noop_training:
-            return {protocol.NUM_EXAMPLES: len(data.held_out)}
+            return Contribution(metric_rows=np.zeros((0, len(specs))))
         if len(data.held_out) == 0:
             raise ValueError(
                 f"The node holds out no evaluation examples ({len(data.train)} in all; it "
                 "needs at least 2)."
             )
         held: Dataset[tuple[torch.Tensor, torch.Tensor]] = data.held_out
-        if job.task is Task.EMBED and not _centroid_ready(data):
-            held = _WithoutLabels(data.held_out)
         loader = DataLoader(held, batch_size=job.batch_size)
-        seed = self._torch_seed(rnd, _PURPOSE_EVAL)
-        result = evaluate(model, loader, task=job.task, device=self.device, seed=seed)
-        metrics: dict[str, int | float] = {
-            protocol.NUM_EXAMPLES: int(result["num_examples"]),
-            protocol.EVAL_LOSS: result["loss"],
+        table = evaluation_rows(
+            model,
+            loader,
+            task=job.task,
+            loss_bound=loss_bound(job),
+            baseline_log_probs=(
+                public_unigram_log_probs() if job.task is Task.LM_FINETUNE else None
+            ),
+            device=self.device,
+            seed=self._torch_seed(rnd, _PURPOSE_EVAL),
+        )
+        columns = {
+            Metric.EXAMPLES: np.ones(table.shape[0]),
+            Metric.EVAL_LOSS: table[:, 0],
+            Metric.EVAL_CORRECT: table[:, 1],
+            Metric.BASELINE_LOSS: table[:, 2],
         }
-        if "accuracy" in result:
-            metrics[protocol.EVAL_ACCURACY] = result["accuracy"]
-        return metrics
+        rows = np.stack([columns[s.metric] for s in specs], axis=1)
+        if job_privacy(job).unit is DpUnit.NODE:
+            rows = rows.mean(axis=0, keepdims=True)  # this node's means, one bounded row
+        return Contribution(metric_rows=rows)
 
-    # -- train.secagg_* -----------------------------------------------------------------
-    def summable_length(self, job: JobSpec) -> int:
-        """Length of the vector this node masks for ``job``."""
-        if _is_sensing(job):
-            return sensing_vector_length(job)
-        return _layout_size(model_spec_for_job(job)) + 2
+    def _analytics(self, job: JobSpec, rnd: RoundConfig) -> Contribution:
+        values = sensing_values(job, self.config.data_dir)
+        ranges = sensing_ranges(job)
+        bound = analytics_row_bound(job, rnd.work)
+        if rnd.work is Work.RANGES:
+            rows = histogram_rows(values, ranges.low, ranges.high, HISTOGRAM_BINS)
+        else:
+            if len(rnd.range_low) != len(ranges.features):
+                raise ValueError(
+                    f"The moments phase needs a clipping range per feature "
+                    f"({len(ranges.features)}); the round gives {len(rnd.range_low)}."
+                )
+            low, high = np.asarray(rnd.range_low), np.asarray(rnd.range_high)
+            # A range the server sends can only hurt accuracy, never privacy: every row is
+            # mapped into [0, 1] and normalised to norm <= 1 whatever the range.
+            rows = moment_rows(values, low, high)
+        return Contribution(statistic_rows=rows / bound)
 
+    # -- in the clear (train.fit, evaluate.eval) ----------------------------------------
+    def plain(
+        self, job: JobSpec, rnd: RoundConfig, weights: Weights | None, state: NodeState
+    ) -> Summed:
+        """This node's own sums, sent in the clear -- refused under a secure-agg level."""
+        if job.privacy_level.uses_secure_agg:
+            raise SecAggRefusedError(
+                f"The job's privacy level is {job.privacy_level}: this node sends what it "
+                "computed only masked, through secure aggregation, never in the clear."
+            )
+        contribution = self.contribution(job, rnd, weights, state)
+        return contribution.summed(metrics_for(job, rnd.work))
+
+    # -- train.secagg_* / evaluate.secagg_* ----------------------------------------------
     def secagg(
         self,
         job: JobSpec,
@@ -995,54 +443,71 @@ class Node:
         request: SecAggMessage,
         weights: Weights | None,
         state: NodeState,
-    ) -> tuple[SecAggMessage, dict[str, int | float]]:
-        """Answer one SecAgg+ request; the masked-input stage trains first (as ``fit``).
-
-        Returns the reply and the metrics that go with it (only for the masked input:
-        example count, loss, time, epsilon -- never the update in the clear).
-        """
+    ) -> SecAggMessage:
+        """Answer one SecAgg+ request; the masked-input stage computes the contribution first,
+        encodes it into the ring with this node's noise share, and masks it."""
         self._require_node_type(job)
+        if not job.privacy_level.uses_secure_agg:
+            raise SecAggRefusedError(
+                f"The job's privacy level is {job.privacy_level}; it uses no secure aggregation."
+            )
+        category = rnd.work.category
+        if request.server_round != rnd.secagg_round:
+            raise SecAggRefusedError(
+                f"The SecAgg+ request is for session {request.server_round}, but the round "
+                f"config describes {rnd.work} of round {rnd.server_round} (session "
+                f"{rnd.secagg_round})."
+            )
         if isinstance(request, AdvertiseKeysRequest):
-            expected = self.summable_length(job)
-            if request.params.vector_length != expected:
+            length = self._ring_layout(job, rnd, request.params.num_clients).length
+            if request.params.vector_length != length:
                 raise ValueError(
                     f"SecAgg+ vector_length is {request.params.vector_length}, but this node "
-                    f"contributes {expected} values for job {job.catalog_entry.id}."
+                    f"contributes {length} values to a {rnd.work} collection of job "
+                    f"{job.catalog_entry.id}."
                 )
-            key = (request.run_id, request.server_round)
-            if state.secagg_round == key:
+            key = (request.run_id, request.server_round, category)
+            last = state.secagg_round
+            if last is not None and last[0] == key[0] and last[1] >= key[1]:
                 raise SecAggRefusedError(
-                    f"Node {self.node_id} already advertised keys for run {key[0]} round "
-                    f"{key[1]}; it takes part in a round once."
+                    f"Node {self.node_id} already took part in SecAgg+ session {last[1]} of run "
+                    f"{key[0]}; it only joins newer sessions (asked for {key[1]})."
                 )
             session = ClientSession(self.node_id)
             reply: SecAggMessage = session.advertise_keys(request)
             state.secagg_session = dict(session.to_state_record())
             state.secagg_round = key
-            return reply, {}
+            return reply
         if state.secagg_session is None:
             raise SecAggProtocolError(
                 f"Node {self.node_id} has no SecAgg+ session: it did not advertise keys for "
-                f"this round (request for round {request.server_round})."
+                f"this collection (request for round {request.server_round})."
             )
         session = ClientSession.from_state_record(state.secagg_session)
-        metrics: dict[str, int | float] = {}
         if isinstance(request, MaskedInputRequest):
             _check_masked_request(session, request)
-            result = self.fit(job, rnd, weights, state)
-            rounding = np.random.default_rng(self._seed(rnd, _PURPOSE_ROUNDING))
-            reply = session.masked_input(request, result.summable, rounding)
-            metrics = result.public_metrics()
+            params = session.state.params
+            if params is None:
+                raise SecAggProtocolError("The SecAgg+ session has no parameters.")
+            layout = self._ring_layout(job, rnd, params.num_clients)
+            contribution = _capped(self.contribution(job, rnd, weights, state))
+            ring = layout.encode(
+                contribution,
+                rotation_seed=protocol.rotation_seed(request.run_id, request.server_round),
+                noise_shares=min_survivors(job, params.num_clients),
+                noise_rng=_secret_rng(),
+            )
+            reply = session.masked_input_quantized(request, ring)
         else:
             reply = session.handle(request)
         done = session.state.phase is ClientPhase.DONE
         state.secagg_session = None if done else dict(session.to_state_record())
-        return reply, metrics
+        return reply
 
-
-def _secret_seed() -> int:
-    """A torch seed from the OS's CSPRNG (for randomness the server must not know)."""
-    return int.from_bytes(os.urandom(8), "big") >> 1
+    def _ring_layout(self, job: JobSpec, rnd: RoundConfig, group_size: int) -> RingLayout:
+        return ring_layout(
+            job, rnd.work, update_length=self.update_length(job), group_size=group_size
+        )
 
 
 def _check_masked_request(session: ClientSession, request: MaskedInputRequest) -> None:
@@ -1092,19 +557,18 @@ def _check_weights(
     )
 
 
-def _layout_size(spec: ModelSpec) -> int:
-    """Number of float values in the weights of ``spec``'s model (cached per process)."""
-
-    def size() -> int:
-        return sum(int(a.size) for a in get_weights(build_model(spec)))
-
-    return _cached(("layout", spec), size)
-
-
-def _centroid_ready(data: _ModelData) -> bool:
-    """Whether the held-out labels allow nearest-centroid accuracy (>= 2 classes of >= 2)."""
-    labels = data.labels[torch.as_tensor(data.held_out.indices, dtype=torch.long)]
-    if labels.numel() == 0 or bool((labels < 0).any()):
-        return False
-    _, counts = torch.unique(labels, return_counts=True)
-    return counts.numel() >= 2 and bool((counts >= 2).all())
+def _capped(contribution: Contribution) -> Contribution:
+    """At most :data:`aggregation.codec.EXAMPLE_CAP` per-example rows (a uniform sample from
+    the node's CSPRNG beyond it): the distributed-DP segments are sized for that many."""
+    rng = None
+    metric_rows, statistic_rows = contribution.metric_rows, contribution.statistic_rows
+    for name in ("metric_rows", "statistic_rows"):
+        rows = getattr(contribution, name)
+        if rows.shape[0] > EXAMPLE_CAP:
+            rng = rng or _secret_rng()
+            keep = np.sort(rng.choice(rows.shape[0], size=EXAMPLE_CAP, replace=False))
+            if name == "metric_rows":
+                metric_rows = rows[keep]
+            else:
+                statistic_rows = rows[keep]
+    return Contribution(contribution.update, metric_rows, statistic_rows)

@@ -4,32 +4,35 @@ Both adapters import this module and nothing else decides a message type or a re
 Every message is a Flower ``Message`` whose ``content`` is a ``RecordDict`` built from the
 records named here:
 
-==========================  ==========================================  =========================
-message type                server -> client content                    client -> server content
-==========================  ==========================================  =========================
-``query.node_info``         ``job``                                     ``node_info``
-``train.fit``               ``job``, ``round``, ``weights``             ``update``, ``metrics``
-``train.secagg_advertise``  ``job``, ``round``, ``secagg``              ``secagg``
-``train.secagg_share``      ``job``, ``round``, ``secagg``              ``secagg``
-``train.secagg_masked``     ``job``, ``round``, ``secagg``, ``weights`` ``secagg``, ``metrics``
-``train.secagg_unmask``     ``job``, ``round``, ``secagg``              ``secagg``
-``evaluate.eval``           ``job``, ``round``, ``weights``             ``metrics``
-==========================  ==========================================  =========================
+===============================  ========================================  ====================
+message type                     server -> client content                  client -> server
+===============================  ========================================  ====================
+``query.node_info``              ``job``                                   ``node_info``
+``train.fit``                    ``job``, ``round``, ``weights``           ``update``,
+                                                                           ``metrics``,
+                                                                           ``statistics``
+``evaluate.eval``                ``job``, ``round``, ``weights``           ``metrics``
+``train.secagg_<stage>``         ``job``, ``round``, ``secagg``            ``secagg``
+``evaluate.secagg_<stage>``      (``weights`` with the masked-input stage)
+===============================  ========================================  ====================
 
-- ``job``: ConfigRecord, ``JobSpec.to_run_config()`` (the job the node trains for);
-- ``round``: ConfigRecord, :class:`RoundConfig`;
-- ``weights``: ArrayRecord, the global model (or, for sensing jobs, nothing: an empty record);
-- ``update``: ArrayRecord, the node's clipped update (``train.fit`` only, privacy levels
-  ``none``/``dp``); under secure aggregation the update only ever leaves the node masked,
-  inside the ``secagg`` records of ``train.secagg_masked``;
-- ``metrics``: MetricRecord, per-node training/evaluation metrics (:data:`METRIC_KEYS`);
+- ``job``: ConfigRecord, ``JobSpec.to_run_config()`` (the job the node works for);
+- ``round``: ConfigRecord, :class:`RoundConfig` -- the round number, what to compute
+  (:class:`Work`), and for the second phase of federated analytics the clipping ranges the
+  first phase released. Nothing in it is a privacy parameter: a node derives its clipping
+  norms and noise from the job (:mod:`clients.jobs`), never from the server;
+- ``weights``: ArrayRecord, the global model (analytics jobs: nothing, an empty record);
+- ``update``: ArrayRecord with one flat float32 array :data:`UPDATE_ARRAY` (the node's clipped
+  update in weight order), sent only in the clear (levels ``none`` and ``dp``);
+- ``metrics``: MetricRecord, the node's metric *sums* keyed by
+  :class:`aggregation.codec.Metric` values (in the clear only);
+- ``statistics``: ArrayRecord with one float64 array :data:`STATISTICS_ARRAY` (analytics sums,
+  in the clear only);
 - ``secagg``: a ConfigRecord ``secagg`` plus an ArrayRecord ``secagg_arrays`` holding one
   SecAgg+ message (``aggregation.secagg`` ``to_record()``), see :func:`secagg_to_content`.
-
-The summed vector of a node (what SecAgg+ masks, or what ``update`` carries flattened) is
-:func:`summable_vector`: the clipped update flattened in weight order, then two coordinates,
-``was_clipped`` (0/1) and the pre-clip L2 norm, so the server learns only their sums.
-Sensing jobs send their statistics vector instead (see ``clients.node``).
+  Under secure aggregation everything a node computed from its data (update, metrics,
+  statistics) leaves it only inside the masked ring vector of the masked-input stage
+  (:class:`aggregation.codec.RingLayout`).
 
 Node ids: Flower's are unsigned 64-bit, a ConfigRecord int is signed 64-bit; ints travel
 two's-complement wrapped (:func:`to_wire_int` / :func:`from_wire_int`).
@@ -37,56 +40,85 @@ two's-complement wrapped (:func:`to_wire_int` / :func:`from_wire_int`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Final
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from numpy.typing import NDArray
 
+from aggregation.codec import Metric, MetricSpec, Summed
 from aggregation.secagg import Stage
 
 NODE_INFO: Final = "query.node_info"
 FIT: Final = "train.fit"
-SECAGG_ADVERTISE: Final = "train.secagg_advertise"
-SECAGG_SHARE: Final = "train.secagg_share"
-SECAGG_MASKED: Final = "train.secagg_masked"
-SECAGG_UNMASK: Final = "train.secagg_unmask"
 EVALUATE: Final = "evaluate.eval"
 
-STAGE_MESSAGE_TYPE: Final[Mapping[Stage, str]] = {
-    Stage.ADVERTISE_KEYS: SECAGG_ADVERTISE,
-    Stage.SHARE_KEYS: SECAGG_SHARE,
-    Stage.MASKED_INPUT: SECAGG_MASKED,
-    Stage.UNMASK: SECAGG_UNMASK,
+
+class Work(StrEnum):
+    """What a node computes for a collection: a training round, an evaluation, or one of the
+    two phases of federated analytics (per-feature ranges, then moments)."""
+
+    FIT = "fit"
+    EVALUATE = "evaluate"
+    RANGES = "ranges"
+    MOMENTS = "moments"
+
+    @property
+    def category(self) -> str:
+        """The Flower message category that carries this work (``train`` / ``evaluate``)."""
+        return "evaluate" if self is Work.EVALUATE else "train"
+
+
+_STAGE_ACTION: Final[Mapping[Stage, str]] = {
+    Stage.ADVERTISE_KEYS: "secagg_advertise",
+    Stage.SHARE_KEYS: "secagg_share",
+    Stage.MASKED_INPUT: "secagg_masked",
+    Stage.UNMASK: "secagg_unmask",
 }
+
+
+def secagg_message_type(category: str, stage: Stage) -> str:
+    """The message type of a SecAgg+ ``stage`` in ``category`` (``train`` or ``evaluate``)."""
+    if category not in ("train", "evaluate"):
+        raise ValueError(f"SecAgg+ runs in the train or evaluate category. Found {category!r}.")
+    return f"{category}.{_STAGE_ACTION[stage]}"
+
+
+SECAGG_ADVERTISE: Final = secagg_message_type("train", Stage.ADVERTISE_KEYS)
+SECAGG_SHARE: Final = secagg_message_type("train", Stage.SHARE_KEYS)
+SECAGG_MASKED: Final = secagg_message_type("train", Stage.MASKED_INPUT)
+SECAGG_UNMASK: Final = secagg_message_type("train", Stage.UNMASK)
+
+STAGE_MESSAGE_TYPE: Final[Mapping[Stage, str]] = {
+    stage: secagg_message_type("train", stage) for stage in _STAGE_ACTION
+}
+"""Message types of the SecAgg+ stages of a training collection."""
+
+MESSAGE_TYPES: Final = (
+    NODE_INFO,
+    FIT,
+    EVALUATE,
+    *(secagg_message_type(c, s) for c in ("train", "evaluate") for s in _STAGE_ACTION),
+)
+"""Every message type a node answers."""
 
 JOB: Final = "job"
 ROUND: Final = "round"
 WEIGHTS: Final = "weights"
 UPDATE: Final = "update"
+UPDATE_ARRAY: Final = "delta"
+STATISTICS: Final = "statistics"
+STATISTICS_ARRAY: Final = "sums"
 METRICS: Final = "metrics"
 NODE_INFO_RECORD: Final = "node_info"
 SECAGG: Final = "secagg"
 SECAGG_ARRAYS: Final = "secagg_arrays"
 
-# Keys of the ``metrics`` MetricRecord.
-NUM_EXAMPLES: Final = "num_examples"
-TRAIN_LOSS: Final = "train_loss"
-EVAL_LOSS: Final = "eval_loss"
-EVAL_ACCURACY: Final = "eval_accuracy"
-EXAMPLE_EPSILON: Final = "example_epsilon"  # DP-SGD epsilon this node has spent so far
-TRAIN_SECONDS: Final = "train_seconds"
-METRIC_KEYS: Final = (
-    NUM_EXAMPLES,
-    TRAIN_LOSS,
-    EVAL_LOSS,
-    EVAL_ACCURACY,
-    EXAMPLE_EPSILON,
-    TRAIN_SECONDS,
-)
-
+_WORK_SLOTS: Final = 8
 _U64: Final = 1 << 64
 _I63: Final = 1 << 63
 
@@ -107,49 +139,90 @@ def from_wire_int(value: int) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class RoundConfig:
-    """What a node needs to know about the current round beyond the job itself.
+    """What a node needs to know about the current collection beyond the job itself.
 
-    ``clipping_norm``: L2 bound of the node's update before it is sent or masked (0 = do not
-    clip; only for privacy level ``none`` without secure aggregation). ``dp_noise_multiplier``
-    and ``dp_max_grad_norm``: Opacus DP-SGD parameters for example-level DP (0 = no DP-SGD).
-    ``dp_delta``: the delta at which a node reports its DP-SGD epsilon. ``seed``: the seed of
-    this node's local randomness this round (augmentations, shuffling, rounding).
-    ``local_steps``: cap on optimizer steps this round (0 = run ``job.epochs`` full epochs).
+    ``server_round``: the round (>= 1; 0 for an evaluation of the initial model);
+    ``work``: what to compute; ``seed``: seeds the node's *non-private* randomness (shuffling
+    and augmentations of training without DP), so simulations are reproducible -- anything
+    that protects privacy (DP-SGD sampling and noise, stochastic rounding, distributed noise)
+    comes from the node's own CSPRNG; ``range_low`` / ``range_high``: per feature, the
+    clipping range of the analytics moments phase (released by the ranges phase).
     """
 
     server_round: int
-    seed: int
-    clipping_norm: float = 0.0
-    dp_noise_multiplier: float = 0.0
-    dp_max_grad_norm: float = 0.0
-    dp_delta: float = 0.0
-    local_steps: int = 0
+    work: Work = Work.FIT
+    seed: int = 0
+    range_low: tuple[float, ...] = ()
+    range_high: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.server_round, bool) or not isinstance(self.server_round, int):
+            problems.append(f"`round.server_round` must be an int. Found {self.server_round!r}.")
+        elif self.server_round < 0:
+            problems.append(f"`round.server_round` must be >= 0. Found {self.server_round}.")
+        if len(self.range_low) != len(self.range_high):
+            problems.append("`round.range_low` and `round.range_high` must have equal lengths.")
+        for lo, hi in zip(self.range_low, self.range_high, strict=False):
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                problems.append(f"every range must be finite with low < high. Found [{lo}, {hi}].")
+                break
+        if problems:
+            raise ValueError("Invalid round config: " + " ".join(problems))
+
+    @property
+    def secagg_round(self) -> int:
+        """The round number a SecAgg+ session of this collection uses: unique per
+        (round, work), increasing with both, so two collections of one round never share a
+        session and a node can refuse any session that is not newer than its last."""
+        return self.server_round * _WORK_SLOTS + list(Work).index(self.work)
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(dict(asdict(self)))
+        values: dict[str, int | str | list[float]] = {
+            "server_round": self.server_round,
+            "work": self.work.value,
+            "seed": to_wire_int(self.seed % _U64),
+        }
+        if self.range_low:
+            values["range_low"] = [float(v) for v in self.range_low]
+            values["range_high"] = [float(v) for v in self.range_high]
+        return ConfigRecord(values)  # type: ignore[arg-type]
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundConfig:
-        names = {f.name: f.type for f in fields(cls)}
-        missing = sorted(n for n in ("server_round", "seed") if n not in record)
-        if missing:
-            raise ValueError(f"The `round` record lacks {missing}.")
-        unknown = sorted(set(record) - set(names))
+        known = {"server_round", "work", "seed", "range_low", "range_high"}
+        unknown = sorted(set(record) - known)
         if unknown:
             raise ValueError(f"The `round` record has unknown keys {unknown}.")
-        values: dict[str, int | float] = {}
-        for name, value in record.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"`round.{name}` must be a number. Found {value!r}.")
-            values[name] = value
+        server_round, work, seed = (
+            record.get("server_round"),
+            record.get("work"),
+            record.get("seed", 0),
+        )
+        if not isinstance(server_round, int) or isinstance(server_round, bool):
+            raise ValueError(f"`round.server_round` must be an int. Found {server_round!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"`round.seed` must be an int. Found {seed!r}.")
+        try:
+            kind = Work(str(work))
+        except ValueError:
+            raise ValueError(
+                f"`round.work` must be one of {[w.value for w in Work]}. Found {work!r}."
+            ) from None
+        ranges: list[tuple[float, ...]] = []
+        for key in ("range_low", "range_high"):
+            values = record.get(key, [])
+            if not isinstance(values, list) or not all(
+                isinstance(v, float | int) and not isinstance(v, bool) for v in values
+            ):
+                raise ValueError(f"`round.{key}` must be a list of numbers.")
+            ranges.append(tuple(float(v) for v in values))
         return cls(
-            server_round=int(values["server_round"]),
-            seed=int(values["seed"]),
-            clipping_norm=float(values.get("clipping_norm", 0.0)),
-            dp_noise_multiplier=float(values.get("dp_noise_multiplier", 0.0)),
-            dp_max_grad_norm=float(values.get("dp_max_grad_norm", 0.0)),
-            dp_delta=float(values.get("dp_delta", 0.0)),
-            local_steps=int(values.get("local_steps", 0)),
+            server_round=server_round,
+            work=kind,
+            seed=from_wire_int(seed),
+            range_low=ranges[0],
+            range_high=ranges[1],
         )
 
 
@@ -157,15 +230,15 @@ class RoundConfig:
 class NodeInfo:
     """A node's answer to ``query.node_info`` for one job.
 
-    ``eligible`` says whether it can train this job (its node type matches, its data loads,
-    the model builds); when not, ``reason`` says why in words. ``model_fingerprint`` is
-    ``clients.models.model_fingerprint`` of the job's model ("" for sensing jobs), so the server
-    can refuse a node that would build a different architecture.
+    ``eligible`` says whether it can work for this job (its node type matches, its data loads,
+    the model builds, its policy accepts the job); when not, ``reason`` says why in words.
+    ``model_fingerprint`` is ``clients.models.model_fingerprint`` of the job's model ("" for
+    analytics jobs), so the server can refuse a node that would build another architecture.
+    A node never reports how many examples it holds: that is private.
     """
 
     node_type: str
     eligible: bool
-    num_examples: int = 0
     model_fingerprint: str = ""
     reason: str = ""
 
@@ -174,26 +247,17 @@ class NodeInfo:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeInfo:
-        try:
-            node_type = record["node_type"]
-            eligible = record["eligible"]
-            num_examples = record.get("num_examples", 0)
-            fingerprint = record.get("model_fingerprint", "")
-            reason = record.get("reason", "")
-        except KeyError as error:
-            raise ValueError(f"The `node_info` record lacks {error}.") from None
+        unknown = sorted(set(record) - {"node_type", "eligible", "model_fingerprint", "reason"})
+        if unknown:
+            raise ValueError(f"The `node_info` record has unknown keys {unknown}.")
+        node_type, eligible = record.get("node_type"), record.get("eligible")
+        fingerprint, reason = record.get("model_fingerprint", ""), record.get("reason", "")
         if not isinstance(node_type, str) or not isinstance(eligible, bool):
             raise ValueError("`node_info.node_type` must be a str and `eligible` a bool.")
-        if not isinstance(num_examples, int) or isinstance(num_examples, bool):
-            raise ValueError("`node_info.num_examples` must be an int.")
         if not isinstance(fingerprint, str) or not isinstance(reason, str):
             raise ValueError("`node_info.model_fingerprint` and `reason` must be strings.")
         return cls(
-            node_type=node_type,
-            eligible=eligible,
-            num_examples=num_examples,
-            model_fingerprint=fingerprint,
-            reason=reason,
+            node_type=node_type, eligible=eligible, model_fingerprint=fingerprint, reason=reason
         )
 
 
@@ -318,10 +382,84 @@ def secagg_from_content(content: RecordDict) -> dict[str, object]:
     return record
 
 
-def summable_vector(
-    update: Sequence[NDArray[np.float32]], *, was_clipped: bool, preclip_norm: float
-) -> NDArray[np.float32]:
-    """The vector a node contributes to the (secure) sum: update, was_clipped, pre-clip norm."""
-    return np.concatenate(
-        [flatten(update), np.array([float(was_clipped), preclip_norm], dtype=np.float32)]
+# --------------------------------------------------------------------------- rotation
+
+
+def rotation_seed(run_id: int, secagg_round: int) -> bytes:
+    """The public seed of a secure collection's distributed-DP rotation: every node of the
+    collection and the server derive the same one from the run and the SecAgg+ session."""
+    if not (0 <= run_id < _U64 and 0 <= secagg_round < _U64):
+        raise ValueError("run_id and secagg_round must be unsigned 64-bit integers.")
+    material = (
+        b"fedbrain/ddp-rotation/v1" + run_id.to_bytes(8, "big") + secagg_round.to_bytes(8, "big")
     )
+    return hashlib.sha256(material).digest()
+
+
+# --------------------------------------------------------------------------- plain sums
+
+
+def summed_to_content(summed: Summed, content: RecordDict) -> None:
+    """Put a node's own sums into ``content`` (the clear-text reply of ``fit`` / ``eval``)."""
+    if summed.update.size:
+        content[UPDATE] = named_arrays_record({UPDATE_ARRAY: summed.update.astype(np.float32)})
+    if summed.statistics.size:
+        content[STATISTICS] = named_arrays_record(
+            {STATISTICS_ARRAY: summed.statistics.astype(np.float64)}
+        )
+    content[METRICS] = MetricRecord({str(k): float(v) for k, v in summed.metrics.items()})
+
+
+def summed_from_content(
+    content: RecordDict,
+    *,
+    update_length: int,
+    metrics: Sequence[MetricSpec],
+    statistics_length: int,
+) -> Summed:
+    """A node's clear-text sums, validated against the expected layout.
+
+    Raises ``ValueError`` for a missing or extra record or metric, a wrong dtype or length,
+    or a non-finite value -- the caller records the node as a dropout with the message.
+    """
+    update = _one_array(content, UPDATE, UPDATE_ARRAY, np.float32, update_length)
+    stats = _one_array(content, STATISTICS, STATISTICS_ARRAY, np.float64, statistics_length)
+    record = content.metric_records.get(METRICS)
+    if record is None:
+        raise ValueError("The reply carries no `metrics` record.")
+    wanted = {str(spec.metric): spec for spec in metrics}
+    if set(record) != set(wanted):
+        raise ValueError(f"`metrics` must hold exactly {sorted(wanted)}. Found {sorted(record)}.")
+    values: dict[Metric, float] = {}
+    for name, spec in wanted.items():
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"`metrics.{name}` must be a number. Found {value!r}.")
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"`metrics.{name}` must be finite and >= 0. Found {value!r}.")
+        values[spec.metric] = float(value)
+    return Summed(update.astype(np.float64), values, stats.astype(np.float64))
+
+
+def _one_array(
+    content: RecordDict, record_name: str, array_name: str, dtype: type[np.generic], length: int
+) -> NDArray[np.generic]:
+    record = content.array_records.get(record_name)
+    if length == 0:
+        if record is not None and len(record):
+            raise ValueError(f"This collection expects no `{record_name}` record.")
+        return np.zeros(0, dtype=dtype)
+    if record is None or list(record) != [array_name]:
+        raise ValueError(f"The reply must carry `{record_name}` with one array `{array_name}`.")
+    try:
+        array = record[array_name].numpy()
+    except Exception as error:  # a malformed Array: whatever numpy makes of its bytes
+        raise ValueError(f"`{record_name}.{array_name}` is not a readable array: {error}") from None
+    if array.dtype != dtype or array.shape != (length,):
+        raise ValueError(
+            f"`{record_name}.{array_name}` must be {np.dtype(dtype).name} of shape ({length},). "
+            f"Found {array.dtype} {array.shape}."
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"`{record_name}.{array_name}` contains NaN or infinity.")
+    return array

@@ -84,6 +84,7 @@ __all__ = [
     "load_normalizer",
     "log_mel_spectrogram",
     "mel_filterbank",
+    "normalizer_from_centred_sum",
     "normalizer_from_moment_sum",
     "normalizer_from_stats",
 ]
@@ -479,5 +480,40 @@ def normalizer_from_moment_sum(ranges: FeatureRanges, summed: npt.ArrayLike) -> 
         features=ranges.features,
         mean=ranges.low + width * mean_u,
         std=width * np.sqrt(variance_u),
+        count=np.full(f, count),
+    )
+
+
+def normalizer_from_centred_sum(ranges: FeatureRanges, summed: npt.ArrayLike) -> Normalizer:
+    """The :class:`Normalizer` (original units) of summed centred moment rows.
+
+    ``summed = [n, sum v, sum v^2]`` with ``v = 2 (x - low) / (high - low) - 1`` (possibly with
+    DP noise): ``mean = mid + half E[v]`` and ``std = half sqrt(E[v^2] - E[v]^2)`` with
+    ``mid``/``half`` the centre and half-width of each range; E[v] is clipped into [-1, 1] and
+    the variance at 0 (noise can push them out). Raises ``ValueError`` for a wrong length, a
+    non-finite value or a count that is not positive.
+    """
+    f = len(ranges.features)
+    v = np.asarray(summed, dtype=np.float64)
+    if v.shape != (contribution_length(f),):
+        raise ValueError(
+            f"Expected a summed vector of shape ({contribution_length(f)},) for features "
+            f"{list(ranges.features)}. Found {v.shape}."
+        )
+    if not np.all(np.isfinite(v)):
+        raise ValueError("The summed statistics contain NaN or Inf.")
+    count = float(v[0])
+    if not count > 0:
+        raise ValueError(
+            f"The summed example count is {count:g}: no examples were aggregated (or the noise "
+            "outweighs them); a normalizer needs a positive count."
+        )
+    mean_v = np.clip(v[1 : 1 + f] / count, -1.0, 1.0)
+    variance_v = np.maximum(v[1 + f :] / count - np.square(mean_v), 0.0)
+    half = (ranges.high - ranges.low) / 2.0
+    return Normalizer(
+        features=ranges.features,
+        mean=ranges.low + half + half * mean_v,
+        std=half * np.sqrt(variance_v),
         count=np.full(f, count),
     )

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812 -- the PyTorch convention
 from torch import Tensor, nn
@@ -48,6 +50,7 @@ __all__ = [
     "augment",
     "embed_examples",
     "evaluate",
+    "evaluation_rows",
     "make_optimizer",
     "nearest_centroid_accuracy",
     "nt_xent_loss",
@@ -284,6 +287,19 @@ def _dataset_size(loader: Iterable[Batch]) -> int | None:
         return None
 
 
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """A DP-SGD step on an empty Poisson batch: a zero clipped sum plus the Gaussian noise,
+    counted by the accountant's step hook (Opacus's ``DPOptimizer`` handles empty per-sample
+    gradients)."""
+    optimizer.zero_grad()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                empty = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                setattr(p, "grad_sample", empty)  # noqa: B010 -- Opacus's per-sample slot
+    optimizer.step()
+
+
 def train_local(
     model: nn.Module,
     loader: DataLoader[Batch],
@@ -306,7 +322,9 @@ def train_local(
     ``aggregation.dp_sgd.make_private``, over an optimizer from :func:`make_optimizer`) its
     private module, optimizer and Poisson data loader are used -- ``model`` must be that module
     or the one it wraps, and ``optimizer``/``learning_rate``/``weight_decay`` must be the ones
-    the private optimizer was made with. Empty Poisson batches are skipped.
+    the private optimizer was made with. An empty Poisson batch still takes its noised (and
+    accounted) step under DP -- the subsampled Gaussian analysis assumes every step is taken --
+    and is skipped without DP.
     """
     kind = _task(task)
     loss_kind = EmbedLoss(embed_loss)
@@ -345,6 +363,8 @@ def train_local(
         for _ in range(epochs):
             for x_cpu, y_cpu in batches:
                 if x_cpu.shape[0] == 0:
+                    if dp is not None:
+                        _noise_only_step(opt)
                     continue
                 x, y = x_cpu.to(dev), y_cpu.to(dev)
                 opt.zero_grad()
@@ -492,3 +512,76 @@ def evaluate(
         if bool((all_labels >= 0).all()):
             metrics["accuracy"] = nearest_centroid_accuracy(torch.cat(embeddings), all_labels)
     return metrics
+
+
+@torch.no_grad()
+def evaluation_rows(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    *,
+    task: Task | str,
+    loss_bound: float,
+    baseline_log_probs: Tensor | None = None,
+    device: str | torch.device = "cpu",
+    temperature: float = 0.2,
+    seed: int = 0,
+) -> npt.NDArray[np.float64]:
+    """One row per held-out example, ``[loss, correct, baseline_loss]``, each clipped into
+    ``[0, loss_bound]`` (correct into [0, 1]), for metric sums released under DP.
+
+    - classification / supervised embed (the model has a classifier head): cross-entropy of
+      the head and top-1 correctness -- the trained classifier's own accuracy;
+    - lm-finetune: the sequence's mean next-byte loss, the fraction of its next bytes
+      predicted (top-1), and with ``baseline_log_probs`` (a ``(256,)`` tensor of byte
+      log-probabilities of a public unigram model) the mean loss of that baseline on the same
+      targets;
+    - contrastive embed (no head): the NT-Xent loss of the batch the example is in (no
+      accuracy; column 1 is 0). Every row depends only on its own example and the (public)
+      global model, except for contrastive batches, which are never used under DP.
+    """
+    kind = _task(task)
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    dev = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[Tensor] = []
+    try:
+        for x_cpu, y_cpu in loader:
+            x, y = x_cpu.to(dev), y_cpu.to(dev)
+            b = int(x.shape[0])
+            if b == 0:
+                continue
+            zeros = torch.zeros(b, device=dev)
+            if kind is Task.LM_FINETUNE:
+                loss, hits, mask = _lm_loss(net, x)
+                correct = hits.sum(1) / mask.sum(1).clamp(min=1.0)
+                baseline = zeros
+                if baseline_log_probs is not None:
+                    targets = x[:, 1:]
+                    log_probs = baseline_log_probs.to(dev)
+                    nll = -log_probs[targets.clamp(max=log_probs.shape[0] - 1)]
+                    baseline = (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+                rows.append(torch.stack([loss, correct, baseline], 1))
+                continue
+            out = _output(net, x)
+            if out.logits is not None:
+                _require_labels(y, "classifier evaluation")
+                loss = F.cross_entropy(out.logits, y, reduction="none")
+                correct = out.logits.argmax(1).eq(y).to(loss.dtype)
+                rows.append(torch.stack([loss, correct, zeros], 1))
+                continue
+            family = _encoder(net).family
+            z1 = _output(net, augment(x, family, generator)).embedding
+            z2 = _output(net, augment(x, family, generator)).embedding
+            batch_loss = nt_xent_loss(z1, z2, temperature=temperature)
+            rows.append(torch.stack([zeros + batch_loss, zeros, zeros], 1))
+    finally:
+        net.train(was_training)
+    if not rows:
+        raise ValueError("Evaluation data is empty.")
+    table: npt.NDArray[np.float64] = torch.cat(rows).double().cpu().numpy()
+    table[:, 0] = np.clip(table[:, 0], 0.0, loss_bound)
+    table[:, 1] = np.clip(table[:, 1], 0.0, 1.0)
+    table[:, 2] = np.clip(table[:, 2], 0.0, loss_bound)
+    return table
