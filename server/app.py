@@ -17,7 +17,8 @@ key                                 type      meaning (default)
 ``job.<field>``                     various   the job: every :class:`~manifests.jobspec.JobSpec`
                                               field under ``job.``, tables dotted
                                               (``job.component``, ``job.dp.clipping_norm``,
-                                              ``job.federation.num_rounds``, ...)
+                                              ``job.federation.num_rounds``, ...); ``""``
+                                              leaves a field unset
 ``fedbrain.run-dir``                str       run directory (ledger, checkpoints, bundle);
                                               required
 ``fedbrain.signing-key``            str       PEM Ed25519 private key that signs the bundle
@@ -59,6 +60,7 @@ __all__ = [
     "OPTION_KEYS",
     "ServerConfigError",
     "app",
+    "job_from_run_config",
     "make_server_app",
     "options_from_run_config",
 ]
@@ -214,12 +216,23 @@ def _log_progress(event: ProgressEvent) -> None:
     )
 
 
+def job_from_run_config(config: Mapping[str, RunConfigValue]) -> JobSpec:
+    """The job in a run config's ``job.*`` keys; a key set to ``""`` is declared (so that
+    ``flwr run --run-config`` may set it) but unset. Raises ``JobSpecError``."""
+    declared = {
+        key: value
+        for key, value in config.items()
+        if not (key.startswith(f"{JOB_PREFIX}.") and value == "")
+    }
+    return JobSpec.from_run_config(declared, prefix=JOB_PREFIX)
+
+
 def _from_context(context: Context) -> tuple[JobSpec, RunOptions]:
     config: Mapping[str, RunConfigValue] = dict(context.run_config)
     problems: list[str] = []
     job: JobSpec | None = None
     try:
-        job = JobSpec.from_run_config(config, prefix=JOB_PREFIX)
+        job = job_from_run_config(config)
     except JobSpecError as exc:
         problems.extend(f"{JOB_PREFIX}.{p}" for p in exc.problems)
     options: RunOptions | None = None

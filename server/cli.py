@@ -1,17 +1,24 @@
 """The ``fedbrain`` console script.
 
 The root command only assembles groups; each group lives in the package it drives
-(``manifests.cli`` for catalog/job/keys/bundle/verify, ``simulations.cli`` for simulate, ...).
-Every package's ``cli`` module exposes ``register(app)``.
+(``manifests.cli`` for catalog/job/keys/bundle/verify, ``server.cli_runs`` for runs,
+``simulations.cli`` for simulate, ...). Every such module exposes ``register(app)`` and is
+listed under the ``fedbrain.commands`` entry-point group in ``pyproject.toml``: the root finds
+them there, so ``server`` never imports ``simulations`` (which runs the ServerApp, so the
+dependency goes the other way).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Final, cast
+
 import typer
 
-from manifests import cli as manifests_cli
-from server import cli_runs
-from simulations import cli as simulations_cli
+__all__ = ["COMMAND_GROUP", "app", "main"]
+
+COMMAND_GROUP: Final = "fedbrain.commands"
 
 app = typer.Typer(
     name="fedbrain",
@@ -20,9 +27,19 @@ app = typer.Typer(
     help="Federated learning with secure aggregation, differential privacy and signed artifacts.",
 )
 
-manifests_cli.register(app)
-cli_runs.register(app)
-simulations_cli.register(app)
+
+def _register_commands(root: typer.Typer) -> None:
+    found = sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
+    if not found:
+        raise RuntimeError(
+            f"No `{COMMAND_GROUP}` entry points: fedbrain is not installed (pip install -e .)."
+        )
+    for entry in found:
+        register = cast(Callable[[typer.Typer], None], entry.load())
+        register(root)
+
+
+_register_commands(app)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clients.protocol import EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS
 from server.ledger import JSONValue, Ledger, LedgerError, RoundRecord
 
 __all__ = ["register", "runs_app"]
@@ -138,8 +137,8 @@ def _round_row(record: RoundRecord) -> list[str]:
         str(record.round),
         record.status.value,
         f"{record.sampled}/{record.responded}/{record.dropped}",
-        _num(_first(record, (EVAL_LOSS, TRAIN_LOSS, "loss")), ".4g"),
-        _num(_first(record, (EVAL_ACCURACY, "accuracy")), ".3f"),
+        _num(_first(record, ("eval_loss", "train_loss", "loss")), ".4g"),
+        _num(_first(record, ("eval_accuracy", "accuracy")), ".3f"),
         _num(record.epsilon),
         _num(record.reliability, ".2f"),
         escape(reasons) or "-",

@@ -38,7 +38,6 @@ from typing import Any, Final, Self, TypeAlias, cast
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -126,11 +125,20 @@ class ParticipantOutcome(StrEnum):
 
 
 class Phase(StrEnum):
-    """Phases of a round: keys of ``timings`` and ``metrics``, and a participant's phase."""
+    """Phases of a round: keys of ``timings`` and ``metrics``, and a participant's phase.
+
+    ``train`` and ``eval``: a model job's fit and evaluation collections (in the clear or
+    through SecAgg+); ``ranges`` and ``moments``: the two collections of an analytics round;
+    ``initial``: the evaluation of the initial model before round 1 (recorded with round 1);
+    ``secagg``: written by earlier versions for secure fit collections.
+    """
 
     TRAIN = "train"
     SECAGG = "secagg"
     EVAL = "eval"
+    RANGES = "ranges"
+    MOMENTS = "moments"
+    INITIAL = "initial"
 
 
 # --------------------------------------------------------------------------- errors
@@ -325,7 +333,7 @@ class ParticipantRow(LedgerBase):
     node_type: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(16))
     stage: Mapped[str | None] = mapped_column(String(64))
-    num_examples: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str | None] = mapped_column(Text)
 
     round_row: Mapped[RoundRow] = relationship(back_populates="participants")
 
@@ -369,14 +377,16 @@ class Participant:
     """One node in one phase of a round.
 
     ``stage``: for ``contributed``, the last stage it completed; for ``dropped``, the stage at
-    which it dropped (e.g. ``"share_keys"``, ``"masked_input"``, ``"train"``).
+    which it dropped (e.g. ``"share_keys"``, ``"masked_input"``, ``"train"``); ``reason``: why
+    it dropped, in words (a timeout, its error reply, what was malformed in its reply). Nothing
+    computed from a node's data is recorded per node.
     """
 
     node_id: int
     node_type: str
     outcome: ParticipantOutcome
     stage: str | None = None
-    num_examples: int | None = None
+    reason: str | None = None
     phase: Phase = Phase.TRAIN
 
     def __post_init__(self) -> None:
@@ -387,8 +397,8 @@ class Participant:
             problems.append(f"`node_id` must be in [0, 2**64 - 1]. Found {self.node_id}.")
         if not isinstance(self.node_type, str) or not self.node_type:
             problems.append(f"`node_type` must be a non-empty string. Found {self.node_type!r}.")
-        if self.num_examples is not None:
-            problems.append(_check_count("num_examples", self.num_examples))
+        if self.reason is not None and not isinstance(self.reason, str):
+            problems.append(f"`reason` must be text. Found {self.reason!r}.")
         try:
             object.__setattr__(self, "outcome", ParticipantOutcome(self.outcome))
             object.__setattr__(self, "phase", Phase(self.phase))
@@ -516,7 +526,7 @@ class RoundRecord:
                     "phase": p.phase.value,
                     "outcome": p.outcome.value,
                     "stage": p.stage,
-                    "num_examples": p.num_examples,
+                    "reason": p.reason,
                 }
                 for p in self.participants
             ],
@@ -615,7 +625,7 @@ def _round_record(row: RoundRow) -> RoundRecord:
                 node_type=p.node_type,
                 outcome=ParticipantOutcome(p.outcome),
                 stage=p.stage,
-                num_examples=p.num_examples,
+                reason=p.reason,
                 phase=Phase(p.phase),
             )
             for p in participants
@@ -633,7 +643,7 @@ def _participant_row(run_id: str, round_number: int, p: Participant) -> Particip
         node_type=p.node_type,
         outcome=p.outcome.value,
         stage=p.stage,
-        num_examples=p.num_examples,
+        reason=p.reason,
     )
 
 

@@ -14,8 +14,8 @@ from flwr.app import Context, RecordDict
 from flwr.app.user_config import UserConfig
 
 from clients.app import make_client_app
+from clients.config import NodeConfig
 from clients.demo_data import write_demo_dataset
-from clients.node import NodeConfig
 from manifests.catalog import NodeType
 from manifests.demo import write_keys
 from manifests.jobspec import JobSpec
@@ -29,8 +29,8 @@ from server.app import (
     options_from_run_config,
 )
 from server.ledger import Ledger, RunStatus
-from server.local_grid import LocalGrid
 from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent, RunOptions
+from tests.support.local_grid import LocalGrid
 
 SENSING_JOB = JobSpec.from_mapping(
     {
@@ -183,9 +183,8 @@ def test_simulation_app_reports_outcome_and_progress(tmp_path: Path) -> None:
     assert any(r.startswith("not signed: no signing key") for r in outcome.reasons)
     kinds = [e.kind for e in events]
     assert kinds[0] is EventKind.JOB_STARTED and kinds[-1] is EventKind.JOB_FINISHED
-    assert [e.stage for e in events if e.kind is EventKind.STAGE][:4] == [
-        "advertise_keys",
-        "share_keys",
-        "masked_input",
-        "unmask",
+    assert [e.stage for e in events if e.kind is EventKind.STAGE] == [
+        f"{work}:{stage}"
+        for work in ("ranges", "moments")
+        for stage in ("advertise_keys", "share_keys", "masked_input", "unmask")
     ]

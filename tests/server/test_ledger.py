@@ -73,9 +73,15 @@ def _round(number: int, **overrides: object) -> RoundRecord:
         "noise_to_signal": math.inf,
         "measurements": {"dp.noise_stddev": 0.1, "accountant": "rdp", "nan_metric": math.nan},
         "participants": (
-            Participant(BIG_NODE_ID, "vision", ParticipantOutcome.CONTRIBUTED, "unmask", 120),
-            Participant(7, "vision", ParticipantOutcome.DROPPED, "masked_input", None),
-            Participant(7, "vision", ParticipantOutcome.CONTRIBUTED, "eval", 30, Phase.EVAL),
+            Participant(BIG_NODE_ID, "vision", ParticipantOutcome.CONTRIBUTED, "unmask"),
+            Participant(
+                7,
+                "vision",
+                ParticipantOutcome.DROPPED,
+                "masked_input",
+                "no reply before the timeout",
+            ),
+            Participant(7, "vision", ParticipantOutcome.CONTRIBUTED, "eval", None, Phase.EVAL),
         ),
     }
     fields.update(overrides)

@@ -1,0 +1,347 @@
+"""The workload seam: what a run's rounds update -- a model, or analytics statistics.
+
+Chosen once at setup (:func:`workload_for`), so the round loop never asks "is this a sensing
+job". Both kinds tell the loop which collections make a round, what to send with them, how
+to use an aggregate, how to checkpoint, and what the artifact's tensors are.
+
+- :class:`ModelWorkload`: the global model (built from the job's config, seeded); a fit's
+  averaged update goes through the server optimizer (FedAvg / FedAdam); an evaluation's metric
+  sums become the round's loss, accuracy, perplexity and unigram baseline.
+- :class:`AnalyticsWorkload`: the sensing normalizers. Each round is two collections: the
+  ranges phase releases per-feature histograms over the public ranges, from which the server
+  takes each feature's clipping range (the ``1 - 2q`` central mass, :data:`RANGE_TAIL` = q);
+  the moments phase then sums per-example ``[1, mean u, mean u^2]`` rows clipped to those
+  ranges, and the normalizer (mean, std) comes from the sums.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord
+from numpy.typing import NDArray
+
+from aggregation.codec import Metric
+from aggregation.pipeline import AggregateOutput
+from aggregation.privacy import WorkloadKind
+from aggregation.server_opt import ServerOptimizer, ServerOptState, make_server_optimizer
+from aggregation.types import Measurements
+from clients import protocol as wire
+from clients.jobs import (
+    HISTOGRAM_BINS,
+    analytics_row_bound,
+    collections_per_round,
+    model_spec_for_job,
+    sensing_ranges,
+    workload_for_job,
+)
+from clients.models import build_model, get_weights, model_fingerprint, weight_names
+from clients.protocol import RoundConfig, Work
+from clients.sensing import FeatureRanges, normalizer_from_centred_sum
+from manifests.jobspec import JobSpec
+
+__all__ = [
+    "RANGE_TAIL",
+    "AnalyticsWorkload",
+    "ModelWorkload",
+    "Workload",
+    "round_metrics",
+    "workload_for",
+]
+
+F32 = NDArray[np.float32]
+F64 = NDArray[np.float64]
+
+RANGE_TAIL: Final = 0.005
+"""Mass cut from each tail of a feature's released histogram to set its clipping range."""
+_STATS_HI: Final = "statistics.hi"
+_STATS_LO: Final = "statistics.lo"
+_RANGE_LOW: Final = "ranges.low"
+_RANGE_HIGH: Final = "ranges.high"
+
+
+class Workload(Protocol):
+    """What the round loop needs from a workload."""
+
+    kind: WorkloadKind
+    fingerprint: str
+    update_length: int
+    works: tuple[Work, ...]
+
+    def weights_record(self, work: Work) -> ArrayRecord | None: ...
+
+    def round_config(self, number: int, work: Work, seed: int) -> RoundConfig: ...
+
+    def apply(self, work: Work, output: AggregateOutput) -> Measurements: ...
+
+    def optimizer_state(self) -> ServerOptState: ...
+
+    def checkpoint_tensors(self) -> dict[str, F32]: ...
+
+    def restore(self, tensors: Mapping[str, F32], optimizer: ServerOptState | None) -> None: ...
+
+    def final_tensors(self) -> dict[str, NDArray[np.generic]]: ...
+
+
+def round_metrics(output: AggregateOutput, work: Work) -> dict[str, float]:
+    """The named metrics of a collection's aggregate (what the ledger and progress show).
+
+    Evaluation: ``eval_loss`` (mean per example; per node under node-level DP, whose
+    denominator is the public number of contributors), ``eval_accuracy`` (the classifier's
+    top-1, or an LM's next-byte accuracy), for LMs ``eval_perplexity`` and the public unigram
+    baseline ``baseline_loss`` / ``baseline_perplexity``, and the (noised) ``eval_examples``.
+    Fit: ``train_loss`` (without DP), ``train_examples``, ``clipped_fraction`` (node-level).
+    """
+    out: dict[str, float] = {}
+
+    def put(name: str, value: float | None) -> None:
+        if value is not None and math.isfinite(value):
+            out[name] = value
+
+    examples = output.metrics.get(Metric.EXAMPLES)
+    denominator = examples if examples is not None else float(output.contributors)
+
+    def mean(metric: Metric) -> float | None:
+        value = output.metrics.get(metric)
+        if value is None or not denominator > 0:
+            return None
+        return value / denominator
+
+    if work is Work.EVALUATE:
+        loss = mean(Metric.EVAL_LOSS)
+        put("eval_loss", loss)
+        loss_noise = output.metric_noise.get(Metric.EVAL_LOSS, 0.0)
+        count_noise = output.metric_noise.get(Metric.EXAMPLES, 0.0)
+        if loss is not None and loss_noise and denominator > 0:
+            put("eval_loss_stderr", math.hypot(loss_noise, loss * count_noise) / denominator)
+        correct = mean(Metric.EVAL_CORRECT)
+        put("eval_accuracy", None if correct is None else min(1.0, max(0.0, correct)))
+        if Metric.BASELINE_LOSS in output.metrics:
+            baseline = mean(Metric.BASELINE_LOSS)
+            put("eval_perplexity", None if loss is None else math.exp(min(loss, 50.0)))
+            put("baseline_loss", baseline)
+            put("baseline_perplexity", None if baseline is None else math.exp(min(baseline, 50.0)))
+        put("eval_examples", examples)
+    elif work is Work.FIT:
+        put("train_loss", mean(Metric.TRAIN_LOSS))
+        put("train_examples", examples)
+        if Metric.CLIPPED in output.metrics:
+            put("clipped_fraction", min(1.0, max(0.0, mean(Metric.CLIPPED) or 0.0)))
+    return out
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelWorkload:
+    """The global model of a model job (see the module docstring)."""
+
+    job: JobSpec
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    weights: list[F32]
+    fingerprint: str
+    optimizer: ServerOptimizer
+    opt_state: ServerOptState
+    kind: WorkloadKind = WorkloadKind.MODEL
+
+    @classmethod
+    def for_job(cls, job: JobSpec, *, seed: int) -> ModelWorkload:
+        spec = model_spec_for_job(job)
+        model = build_model(spec, seed=seed)
+        weights = get_weights(model)
+        optimizer = make_server_optimizer(
+            job.federation.server_optimizer.value, eta=job.federation.server_learning_rate
+        )
+        return cls(
+            job,
+            weight_names(model),
+            [tuple(w.shape) for w in weights],
+            weights,
+            model_fingerprint(spec),
+            optimizer,
+            optimizer.init(weights),
+        )
+
+    @property
+    def update_length(self) -> int:
+        return sum(int(np.prod(s)) for s in self.shapes)
+
+    @property
+    def works(self) -> tuple[Work, ...]:
+        return collections_per_round(self.job)
+
+    def weights_record(self, work: Work) -> ArrayRecord | None:
+        return wire.weights_to_record(self.names, self.weights)
+
+    def round_config(self, number: int, work: Work, seed: int) -> RoundConfig:
+        return RoundConfig(server_round=number, work=work, seed=seed)
+
+    def apply(self, work: Work, output: AggregateOutput) -> Measurements:
+        if work is not Work.FIT or output.update is None:
+            return {}
+        mean = output.update.astype(np.float32)
+        deltas = wire.unflatten(mean, self.shapes)
+        step = self.optimizer.step(self.weights, deltas, self.opt_state)
+        self.weights = step.weights
+        self.opt_state = step.state
+        measurements = dict(step.measurements)
+        measurements["update_norm"] = float(np.linalg.norm(mean.astype(np.float64)))
+        return measurements
+
+    def optimizer_state(self) -> ServerOptState:
+        return self.opt_state
+
+    def checkpoint_tensors(self) -> dict[str, F32]:
+        return dict(zip(self.names, self.weights, strict=True))
+
+    def restore(self, tensors: Mapping[str, F32], optimizer: ServerOptState | None) -> None:
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"The checkpoint lacks weights {missing[:3]}: another model?")
+        self.weights = [np.asarray(tensors[n], dtype=np.float32) for n in self.names]
+        if optimizer is not None:
+            self.opt_state = optimizer
+
+    def final_tensors(self) -> dict[str, NDArray[np.generic]]:
+        return dict(zip(self.names, self.weights, strict=True))
+
+
+# --------------------------------------------------------------------------- analytics
+
+
+def _split(values: F64) -> tuple[F32, F32]:
+    hi = values.astype(np.float32)
+    lo = (values - hi.astype(np.float64)).astype(np.float32)
+    return hi, lo
+
+
+def clipping_ranges(
+    public: FeatureRanges,
+    histogram: F64,
+    *,
+    noise_stddev: float = 0.0,
+    tail: float = RANGE_TAIL,
+) -> FeatureRanges:
+    """Per feature, the range holding the central ``1 - 2 tail`` of a (noised) histogram over
+    the public range, widened to whole bins; the public range when the histogram is empty.
+
+    Bins below four noise standard deviations (``noise_stddev``, in counts) are read as
+    empty: otherwise the noise on the many empty bins of a wide public range would move the
+    tails out to its ends.
+    """
+    features = len(public.features)
+    counts = histogram.reshape(features, HISTOGRAM_BINS)
+    counts = np.where(counts > 4.0 * noise_stddev, counts, 0.0)
+    low, high = public.low.copy(), public.high.copy()
+    width = (public.high - public.low) / HISTOGRAM_BINS
+    for f in range(features):
+        total = counts[f].sum()
+        if not total > 0:
+            continue
+        cdf = np.cumsum(counts[f]) / total
+        first = int(np.searchsorted(cdf, tail, side="left"))
+        last = int(np.searchsorted(cdf, 1.0 - tail, side="left"))
+        first, last = min(first, HISTOGRAM_BINS - 1), min(max(last, first), HISTOGRAM_BINS - 1)
+        low[f] = public.low[f] + first * width[f]
+        high[f] = public.low[f] + (last + 1) * width[f]
+    return FeatureRanges(public.features, low, high)
+
+
+@dataclass
+class AnalyticsWorkload:
+    """The statistics of a sensing job (see the module docstring)."""
+
+    job: JobSpec
+    public: FeatureRanges
+    clip: FeatureRanges | None = None
+    statistics: F64 = field(default_factory=lambda: np.zeros(0))
+    kind: WorkloadKind = WorkloadKind.ANALYTICS
+    fingerprint: str = ""
+    update_length: int = 0
+
+    @classmethod
+    def for_job(cls, job: JobSpec) -> AnalyticsWorkload:
+        public = sensing_ranges(job)
+        return cls(job, public, statistics=np.zeros(1 + 2 * len(public.features)))
+
+    @property
+    def works(self) -> tuple[Work, ...]:
+        return collections_per_round(self.job)
+
+    def weights_record(self, work: Work) -> ArrayRecord | None:
+        return ArrayRecord()
+
+    def round_config(self, number: int, work: Work, seed: int) -> RoundConfig:
+        if work is Work.MOMENTS:
+            if self.clip is None:
+                raise ValueError("The moments phase needs the ranges phase's clipping ranges.")
+            return RoundConfig(
+                server_round=number,
+                work=work,
+                seed=seed,
+                range_low=tuple(float(v) for v in self.clip.low),
+                range_high=tuple(float(v) for v in self.clip.high),
+            )
+        return RoundConfig(server_round=number, work=work, seed=seed)
+
+    def apply(self, work: Work, output: AggregateOutput) -> Measurements:
+        bound = analytics_row_bound(self.job, work)
+        scaled = output.statistics * bound
+        if work is Work.RANGES:
+            noise = float(output.measurements.get("statistics_noise_stddev", 0.0))
+            clip = clipping_ranges(self.public, scaled, noise_stddev=noise * bound)
+            if self.clip is not None:  # later rounds: keep the union of the ranges
+                clip = FeatureRanges(
+                    clip.features,
+                    np.minimum(clip.low, self.clip.low),
+                    np.maximum(clip.high, self.clip.high),
+                )
+            self.clip = clip
+            return {"range_examples": float(scaled[:HISTOGRAM_BINS].sum())}
+        self.statistics = self.statistics + scaled
+        return {"examples": float(scaled[0])}
+
+    def optimizer_state(self) -> ServerOptState:
+        return ServerOptState(algorithm="fedavg", step=0, slots={})
+
+    def checkpoint_tensors(self) -> dict[str, F32]:
+        hi, lo = _split(self.statistics)
+        out = {_STATS_HI: hi, _STATS_LO: lo}
+        if self.clip is not None:
+            out[_RANGE_LOW] = self.clip.low.astype(np.float32)
+            out[_RANGE_HIGH] = self.clip.high.astype(np.float32)
+        return out
+
+    def restore(self, tensors: Mapping[str, F32], optimizer: ServerOptState | None) -> None:
+        self.statistics = tensors[_STATS_HI].astype(np.float64) + tensors[_STATS_LO].astype(
+            np.float64
+        )
+        if _RANGE_LOW in tensors:
+            self.clip = FeatureRanges(
+                self.public.features,
+                tensors[_RANGE_LOW].astype(np.float64),
+                tensors[_RANGE_HIGH].astype(np.float64),
+            )
+
+    def final_tensors(self) -> dict[str, NDArray[np.generic]]:
+        if self.clip is None:
+            raise ValueError("No ranges were released: the normalizer cannot be built.")
+        normalizer = normalizer_from_centred_sum(self.clip, self.statistics)
+        return {
+            "mean": np.asarray(normalizer.mean, dtype=np.float32),
+            "std": np.asarray(normalizer.std, dtype=np.float32),
+            "count": np.asarray(normalizer.count, dtype=np.float32),
+        }
+
+
+def workload_for(job: JobSpec, *, seed: int) -> ModelWorkload | AnalyticsWorkload:
+    """The job's workload, chosen once."""
+    if workload_for_job(job) is WorkloadKind.ANALYTICS:
+        return AnalyticsWorkload.for_job(job)
+    return ModelWorkload.for_job(job, seed=seed)
