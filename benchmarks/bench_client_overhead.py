@@ -49,12 +49,14 @@ from clients.models import (
     set_weights,
     weight_names,
 )
-from clients.node import NodeConfig, holdout_split, model_spec_for_job
+from clients.config import NodeConfig
+from clients.datasets import holdout_split
+from clients.jobs import model_spec_for_job
 from clients.protocol import FIT, JOB, ROUND, WEIGHTS, RoundConfig, weights_to_record
 from clients.training import augment
 from manifests.catalog import NodeType
 from manifests.jobspec import JobSpec
-from server.local_grid import LocalGrid
+from tests.support.local_grid import LocalGrid
 from simulations.scenario import Overrides, load_scenario
 
 

@@ -43,13 +43,14 @@ from clients.app import make_client_app
 from clients.data import LabelledDataset, load_images
 from clients.demo_data import write_demo_dataset
 from clients.models import build_model, set_weights, unwrap
-from clients.node import holdout_split, model_spec_for_job
+from clients.datasets import holdout_split
+from clients.jobs import model_spec_for_job
 from clients.training import EmbedLoss, embed_examples, train_local
 from manifests.confighash import training_config_hash
 from manifests.jobspec import JobSpec, PrivacyLevel
 from server.checkpoint import latest_checkpoint
 from server.federator import run_federation
-from server.local_grid import LocalGrid
+from tests.support.local_grid import LocalGrid
 from server.options import EventKind, ProgressEvent, RunOptions
 from simulations.runner import materialize_data, node_configs
 from simulations.scenario import Overrides, Scenario, ScenarioJob, load_scenario

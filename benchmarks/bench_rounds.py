@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig
     from flwr.serverapp import ServerApp
 
-    from clients.node import NodeConfig
+    from clients.config import NodeConfig
     from manifests.jobspec import JobSpec
 
 FEDBRAIN_UNAVAILABLE = "fedbrain apps not available yet"
@@ -354,7 +354,7 @@ def fedbrain_noop_nodes(n: int, p: int, workdir: Path) -> Mapping[int, NodeConfi
     contributes a zero update of the model's P values. Each node holds a small demo corpus
     (``node_info`` checks that the data loads)."""
     from clients.demo_data import write_demo_dataset
-    from clients.node import NodeConfig
+    from clients.config import NodeConfig
     from manifests.catalog import NodeType
 
     configs: dict[int, NodeConfig] = {}
@@ -374,7 +374,7 @@ def _lm_job(mapping: dict[str, object], hidden: int) -> JobSpec:
 
 def _parameter_count(job: JobSpec) -> int:
     from clients.models import build_model
-    from clients.node import model_spec_for_job
+    from clients.jobs import model_spec_for_job
 
     model = build_model(model_spec_for_job(job))
     return sum(int(t.numel()) for t in model.parameters())

@@ -55,7 +55,7 @@ from simulations.scenario import (
 if TYPE_CHECKING:
     from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig
 
-    from clients.node import NodeConfig
+    from clients.config import NodeConfig
 
 __all__ = [
     "DATA_MARKER",
@@ -522,7 +522,7 @@ def node_configs(
     scenario: Scenario, job: ScenarioJob, dirs: Mapping[int, Path]
 ) -> dict[int, NodeConfig]:
     """Partition id -> ``clients.node.NodeConfig`` for the job's node type."""
-    from clients.node import Fault, NodeConfig
+    from clients.config import Fault, NodeConfig
 
     configs: dict[int, NodeConfig] = {}
     for pid, node in enumerate(scenario.nodes_of(job.node_type)):

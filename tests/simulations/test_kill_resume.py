@@ -44,7 +44,7 @@ privacy_level = "dp+secure-agg"
 federation = { num_rounds = 3, reliability_threshold = 0.1 }
 dp.unit = "example"
 dp.clipping_norm = 1.0
-dp.noise_multiplier = 1.5
+dp.target_epsilon = 8.0
 dp.delta = 1e-5
 dp.epsilon_budget = 10.0
 secagg = { quantization_range = 4.0 }

@@ -61,7 +61,7 @@ base_model = "vit-base16"
 task = "embed"
 embedding_dim = 16
 privacy_level = "dp"
-dp = { unit = "example", clipping_norm = 1.0, noise_multiplier = 1.0, delta = 1e-5 }
+dp = { unit = "example", clipping_norm = 1.0, target_epsilon = 8.0, delta = 1e-5 }
 """
 
 
@@ -340,7 +340,9 @@ def test_privacy_override_that_needs_missing_dp_settings(tmp_path: Path) -> None
     with pytest.raises(ScenarioError) as info:
         load_scenario(path, Overrides(privacy_level="dp+secure-agg"))
     problems = info.value.problems
-    assert any(p.startswith("jobs[0].dp.clipping_norm: is required") for p in problems)
+    assert any(p.startswith("jobs[0].dp.delta: is required") for p in problems)
+    assert any(p.startswith("jobs[0].dp.noise_multiplier: privacy_level") for p in problems)
+    assert not any(p.startswith("jobs[0].dp.clipping_norm") for p in problems)  # analytics
     assert not any(p.startswith("jobs[1]") for p in problems)
 
 
