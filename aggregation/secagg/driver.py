@@ -2,8 +2,9 @@
 
 For tests, simulations and benchmarks. Every message goes through ``to_record`` /
 ``from_record`` as it would through a transport, and the driver behaves like a server adapter:
-a reply that does not parse, names another node or that :meth:`ServerSession.receive` refuses
-is reported with :meth:`ServerSession.reject` (the client is a dropout with that reason). A
+a reply that does not parse, names another node or that the server refuses
+(:meth:`ServerSession.receive_record`) is reported with :meth:`ServerSession.reject` (the client
+is a dropout with that reason). A
 client that raises a SecAggError is treated as dropped from then on; so is one that refuses
 its input (TypeError/ValueError: wrong dtype or length, NaN/Inf).
 
@@ -23,13 +24,7 @@ from numpy.typing import NDArray
 from aggregation.secagg.client import ClientSession
 from aggregation.secagg.errors import SecAggError
 from aggregation.secagg.identity import NodeIdentity, Roster
-from aggregation.secagg.messages import (
-    MaskedInputRequest,
-    Record,
-    SecAggMessage,
-    Stage,
-    message_from_record,
-)
+from aggregation.secagg.messages import MaskedInputRequest, Record, SecAggMessage, Stage
 from aggregation.secagg.params import SecAggParams
 from aggregation.secagg.policy import SecAggPolicy
 from aggregation.secagg.quantization import dequantize_sum
@@ -144,11 +139,8 @@ def run_secagg_round(
         if tamper_reply is not None:
             record = tamper_reply(node, reply.to_record())
         try:
-            message = message_from_record(record)
-            if message.node_id != node:
-                raise SecAggError(f"the reply names node {message.node_id}, not its sender")
-            server.receive(message)
-        except (SecAggError, TypeError, ValueError) as error:
+            server.receive_record(node, record)
+        except SecAggError as error:
             server.reject(node, str(error))
 
     for stage, open_stage in server.stages():

@@ -73,6 +73,7 @@ from aggregation.secagg.messages import (
     Stage,
     UnmaskReply,
     UnmaskRequest,
+    message_from_record,
 )
 from aggregation.secagg.params import MAX_NODE_ID, SecAggParams
 from aggregation.types import Measurements
@@ -634,6 +635,21 @@ class ServerSession:
         }
         seen = collected.get(state.phase)
         return isinstance(seen, dict) and node in seen
+
+    def receive_record(self, sender: int, record: Mapping[str, object]) -> None:
+        """Parse a reply record that arrived from ``sender`` (the transport's node id) and
+        :meth:`receive` it. Every failure -- unparsable record, a reply naming another node, a
+        refused reply -- raises SecAggProtocolError naming ``sender`` and the reason; call
+        :meth:`reject` with it."""
+        try:
+            message = message_from_record(record)
+        except (TypeError, ValueError) as error:  # SecAggProtocolError is a ValueError
+            raise SecAggProtocolError(f"Node {sender}'s reply rejected: {error}") from None
+        if message.node_id != sender:
+            raise SecAggProtocolError(
+                f"Node {sender}'s reply rejected: it names node {message.node_id}, not its sender."
+            )
+        self.receive(message)
 
     def receive(self, reply: SecAggMessage) -> None:
         """Validate and store one client reply.
