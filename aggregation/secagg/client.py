@@ -35,6 +35,7 @@ it.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -673,10 +674,19 @@ class ClientSession:
                 f"Node {me} refuses to unmask: signatures from {outsiders}, which are not "
                 "survivors in its neighbourhood. Nothing was revealed."
             )
+        if len(request.signer_ids) < params.threshold:
+            raise SecAggRefusedError(
+                f"Node {me} refuses to unmask: {len(request.signer_ids)} consistency "
+                f"signatures on its survivor set, fewer than threshold = {params.threshold}. "
+                "Nothing was revealed."
+            )
         statement = survivors_statement(
             run_id=state.run_id, server_round=state.server_round, survivor_ids=state.survivor_ids
         )
-        for signer, signature in zip(request.signer_ids, request.signatures, strict=True):
+        # t valid signatures are what it needs: it checks them in order and stops there (an
+        # invalid one met on the way is the server's forgery: refuse)
+        pairs = zip(request.signer_ids, request.signatures, strict=True)
+        for signer, signature in itertools.islice(pairs, params.threshold):
             try:
                 roster.verify(signer, signature, statement)
             except SecAggAuthenticationError as error:
@@ -684,12 +694,6 @@ class ClientSession:
                     f"Node {me} refuses to unmask: {error} It is not a signature on the "
                     "survivor set this node signed. Nothing was revealed."
                 ) from None
-        if len(request.signer_ids) < params.threshold:
-            raise SecAggRefusedError(
-                f"Node {me} refuses to unmask: {len(request.signer_ids)} consistency "
-                f"signatures on its survivor set, fewer than threshold = {params.threshold}. "
-                "Nothing was revealed."
-            )
 
     def _check_unmask_unauthenticated(self, request: UnmaskRequest, params: SecAggParams) -> None:
         state = self.state

@@ -200,23 +200,45 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
     return y
 
 
+def _batch_inverse(values: Sequence[int]) -> list[int]:
+    """Inverses mod PRIME of non-zero ``values`` with one modular inversion (Montgomery)."""
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)
+    result = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        result[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * values[i] % PRIME
+    return result
+
+
 def _interpolate(points: Sequence[_Point]) -> list[int]:
-    """Coefficients (constant first) of the polynomial of degree < len(points) through them."""
+    """Coefficients (constant first) of the polynomial of degree < len(points) through them.
+
+    O(n^2) multiplications and one modular inversion.
+    """
     n = len(points)
+    xs = [x for _, x, _ in points]
     master = [1]  # prod (X - x_j), constant first
-    for _, xj, _ in points:
+    for xj in xs:
         master = [(a - xj * b) % PRIME for a, b in zip([0, *master], [*master, 0], strict=True)]
+    denominators = []
+    for i, xi in enumerate(xs):
+        d = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                d = d * (xi - xj) % PRIME
+        denominators.append(d)
+    inverses = _batch_inverse(denominators)
     result = [0] * n
-    for _, xi, yi in points:
+    for (_, xi, yi), inverse in zip(points, inverses, strict=True):
         # quotient = master / (X - xi) by synthetic division, highest coefficient first
-        quotient = [0] * n
+        scale = yi * inverse % PRIME
         carry = 0
         for d in range(n, 0, -1):
-            carry = (master[d] + carry * xi) % PRIME if d < n else master[d]
-            quotient[d - 1] = carry
-        scale = yi * pow(_evaluate(quotient, xi), -1, PRIME) % PRIME
-        for d in range(n):
-            result[d] = (result[d] + scale * quotient[d]) % PRIME
+            carry = (master[d] + carry * xi) % PRIME
+            result[d - 1] = (result[d - 1] + scale * carry) % PRIME
     return result
 
 
