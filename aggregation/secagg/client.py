@@ -35,6 +35,7 @@ it.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import os
 from collections.abc import Mapping
@@ -96,7 +97,8 @@ class ClientState:
 
     ``seed_shares`` / ``key_shares`` hold the shares of the peers it masked with (those whose
     shares it opened); ``excluded`` the senders it left out, with the reason;
-    ``survivor_ids`` the survivor set it signed in the consistency check.
+    ``survivor_ids`` the survivor set it signed in the consistency check, and
+    ``survivor_signature`` its own signature on it.
     """
 
     node_id: int
@@ -116,6 +118,7 @@ class ClientState:
     key_shares: dict[int, bytes] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)
     survivor_ids: tuple[int, ...] = ()
+    survivor_signature: bytes = b""
 
 
 class ClientSession:
@@ -212,6 +215,7 @@ class ClientSession:
                 "excluded_ids": excluded,
                 "excluded_reasons": [st.excluded[i].encode() for i in excluded],
                 "survivor_ids": list(st.survivor_ids),
+                "survivor_signature": st.survivor_signature,
             }
         )
         return record
@@ -647,6 +651,7 @@ class ClientSession:
             )
         )
         state.survivor_ids = request.survivor_ids
+        state.survivor_signature = signature
         state.phase = ClientPhase.UNMASK
         return ConsistencyCheckReply(
             run_id=state.run_id, server_round=state.server_round, node_id=me, signature=signature
@@ -685,8 +690,12 @@ class ClientSession:
         )
         # t valid signatures are what it needs: it checks them in order and stops there (an
         # invalid one met on the way is the server's forgery: refuse)
-        pairs = zip(request.signer_ids, request.signatures, strict=True)
+        pairs = sorted(
+            zip(request.signer_ids, request.signatures, strict=True), key=lambda p: p[0] != me
+        )  # its own first: recognised without a verification
         for signer, signature in itertools.islice(pairs, params.threshold):
+            if signer == me and hmac.compare_digest(signature, state.survivor_signature):
+                continue  # its own signature (Ed25519 is deterministic): nothing to verify
             try:
                 roster.verify(signer, signature, statement)
             except SecAggAuthenticationError as error:

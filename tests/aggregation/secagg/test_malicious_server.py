@@ -17,6 +17,7 @@ from aggregation.secagg import (
     ClientPhase,
     ClientSession,
     ConsistencyCheckRequest,
+    MaskedInputRequest,
     NodeIdentity,
     ParticipationLog,
     SecAggMessage,
@@ -31,7 +32,7 @@ from aggregation.secagg import (
 )
 from aggregation.secagg.identity import advertise_statement, survivors_statement
 from aggregation.secagg.primitives import generate_private_key, public_bytes
-from tests.aggregation.secagg.helpers import PARAMS, federation, freeze
+from tests.aggregation.secagg.helpers import PARAMS, federation, freeze, plain_sum
 
 
 def test_client_refuses_peer_keys_substituted_by_the_server() -> None:
@@ -390,3 +391,37 @@ def test_stochastic_rounding_comes_from_the_nodes_csprng_by_default() -> None:
     assert not np.array_equal(first, second)  # fresh os.urandom key per call
     seeded = [quantize(x, params, np.random.default_rng(3)) for _ in range(2)]
     np.testing.assert_array_equal(seeded[0], seeded[1])  # tests may still pass a generator
+
+
+def test_authenticated_session_survives_state_records_and_cannot_be_restored_unauthenticated() -> (
+    None
+):
+    fed = federation()
+    states = {n: c.to_state_record() for n, c in fed.clients.items()}
+
+    def step(node: int, request: SecAggMessage) -> SecAggMessage:
+        session = ClientSession.from_state_record(
+            states[node], identity=fed.ids[node], roster=fed.roster
+        )
+        reply = (
+            session.masked_input_quantized(request, fed.inputs[node])
+            if isinstance(request, MaskedInputRequest)
+            else session.handle(request)
+        )
+        states[node] = session.to_state_record()
+        return reply
+
+    for _, opener in fed.server.stages():
+        for node, request in opener().items():
+            fed.server.receive(step(node, request))
+    result = fed.server.result()
+    assert result.contributors == tuple(fed.nodes)
+    np.testing.assert_array_equal(result.total, plain_sum(fed.inputs, fed.nodes))
+    node = fed.nodes[0]
+    assert states[node]["phase"] == "done" and states[node]["authenticated"] == 1
+    with pytest.raises(SecAggProtocolError, match="saved by an authenticated session"):
+        ClientSession.from_state_record(states[node])  # no downgrade to the legacy protocol
+    with pytest.raises(SecAggProtocolError, match="Malformed client session state"):
+        ClientSession.from_state_record(
+            {**states[node], "node_id": fed.nodes[1]}, identity=fed.ids[node], roster=fed.roster
+        )
