@@ -70,6 +70,7 @@ def run_secagg_round(
     tamper_reply: ReplyTamper | None = None,
     identities: Iterable[NodeIdentity] | None = None,
     policy: SecAggPolicy | None = None,
+    keep_masked_inputs: bool = True,
 ) -> RoundOutcome:
     """Run one round for the clients in ``inputs`` (node id -> float32 update, or an already
     quantized uint32 vector).
@@ -82,8 +83,9 @@ def run_secagg_round(
     ``tamper_reply(node, record)`` may rewrite any reply record before the server parses it (a
     malicious client). ``identities`` (one per input, ``inputs`` keyed by their node ids)
     makes the round authenticated; ``policy`` is every client's policy (default
-    ``SecAggPolicy()``). ``rng`` drives the graph labelling only; stochastic rounding uses
-    each client's CSPRNG. Raises SecAggAbortedError when the round cannot finish.
+    ``SecAggPolicy()``); ``keep_masked_inputs`` goes to the ServerSession. ``rng`` drives the
+    graph labelling only; stochastic rounding uses each client's CSPRNG. Raises
+    SecAggAbortedError when the round cannot finish.
     """
     drops = dict(dropouts or {})
     unknown = sorted(set(drops) - set(inputs))
@@ -114,6 +116,7 @@ def run_secagg_round(
         rng=rng,
         on_message=on_message,
         roster=roster,
+        keep_masked_inputs=keep_masked_inputs,
     )
     errors: dict[int, Exception] = {}
 

@@ -98,6 +98,7 @@ def federation(
     seed: int = 0,
     policy: SecAggPolicy | None = None,
     people: list[NodeIdentity] | None = None,
+    keep_masked_inputs: bool = True,
 ) -> Federation:
     ids = {i.node_id: i for i in (people or identities(params.num_clients))}
     roster = Roster.from_public_keys(i.public_key for i in ids.values())
@@ -108,6 +109,7 @@ def federation(
         node_ids=sorted(ids),
         rng=np.random.default_rng(seed),
         roster=roster,
+        keep_masked_inputs=keep_masked_inputs,
     )
     clients = {n: ClientSession(identity=i, roster=roster, policy=policy) for n, i in ids.items()}
     return Federation(

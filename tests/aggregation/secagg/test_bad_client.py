@@ -427,3 +427,21 @@ def test_garbage_shares_that_leave_too_few_readable_holders_abort_rather_than_co
     reasons = fed.server.state.dropout_reasons
     assert "could not open its encrypted shares" in reasons[bad]
     assert any(f"masked with node {bad}" in reason for reason in reasons.values())
+
+
+def test_without_kept_masked_inputs_the_sum_is_exact_and_garbage_shares_abort_instead() -> None:
+    honest = federation(keep_masked_inputs=False)
+    honest.run()
+    result = honest.server.result()
+    np.testing.assert_array_equal(result.total, plain_sum(honest.inputs, honest.nodes))
+    assert honest.server.state.masked_inputs == {}
+
+    fed = federation(keep_masked_inputs=False)
+    bad = fed.nodes[3]
+
+    def hook(stage: Stage, node: int, reply: SecAggMessage) -> SecAggMessage:
+        return _garbage(reply, slice(None)) if stage == Stage.SHARE_KEYS and node == bad else reply
+
+    with pytest.raises(SecAggAbortedError, match=rf"clients \[{bad}\] must leave the sum"):
+        fed.run(reply_hook=hook)
+    assert "could not open its encrypted shares" in fed.server.state.dropout_reasons[bad]
