@@ -159,7 +159,7 @@ def flower_masking_step(update: list[NDArray[np.float32]], peers: int) -> None:
 def fedbrain_client_for_masking(size: int) -> tuple[ClientSession, SecAggMessage]:
     """A client with 3 neighbours, ready for its masked-input request (N = 4, k = 3)."""
     params = SecAggParams(
-        num_clients=4, num_neighbours=3, threshold=2, vector_length=size, clipping_range=1.0
+        num_clients=4, num_neighbours=3, threshold=3, vector_length=size, clipping_range=1.0
     )
     nodes = [1, 2, 3, 4]
     server = ServerSession(

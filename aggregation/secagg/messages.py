@@ -5,7 +5,9 @@ from a flat record of plain values (``int``, ``str``, ``bytes``, lists of ints o
 uint32 numpy array), so a Flower adapter can put it in a ``ConfigRecord``/``ArrayRecord``.
 Every record carries ``run_id``, ``round``, ``stage``, ``kind`` and ``node_id`` (the client
 the request goes to or the reply comes from). Node ids are uint64; id lists are strictly
-increasing (canonical, so duplicates are impossible).
+increasing (canonical, so duplicates are impossible). Signatures are 64-byte Ed25519; the
+signature fields are empty only in the unauthenticated (semi-honest, legacy) mode, which an
+authenticated client never accepts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aggregation.secagg.errors import SecAggProtocolError
+from aggregation.secagg.identity import SIGNATURE_SIZE
 from aggregation.secagg.params import MAX_NODE_ID, SecAggParams
 from aggregation.secagg.primitives import KEY_SIZE, NONCE_SIZE
 from aggregation.secagg.shamir import SHARE_SIZE
@@ -33,11 +36,13 @@ CIPHERTEXT_SIZE: Final = NONCE_SIZE + SHARE_PLAINTEXT_SIZE + 16
 
 
 class Stage(StrEnum):
-    """The four SecAgg+ stages, in order."""
+    """The SecAgg+ stages, in order. CONSISTENCY_CHECK (Bell et al., CCS 2020, malicious
+    setting; Bonawitz et al., CCS 2017, sec. 6) runs only in authenticated rounds."""
 
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
     UNMASK = "unmask"
 
 
@@ -65,6 +70,12 @@ class Key(StrEnum):
     NEIGHBOURS = "neighbours"
     SHARE_PUBLIC_KEY = "share_public_key"
     MASK_PUBLIC_KEY = "mask_public_key"
+    SEED_COMMITMENT = "seed_commitment"
+    SIGNATURE = "signature"
+    SEED_COMMITMENTS = "seed_commitments"
+    SIGNATURES = "signatures"
+    SURVIVOR_IDS = "survivor_ids"
+    SIGNER_IDS = "signer_ids"
     PEER_IDS = "peer_ids"
     SHARE_PUBLIC_KEYS = "share_public_keys"
     MASK_PUBLIC_KEYS = "mask_public_keys"
@@ -110,6 +121,20 @@ def _check_blobs(name: str, value: object, size: int, count: int) -> tuple[bytes
         if not isinstance(blob, bytes) or len(blob) != size:
             raise _bad(f"Every entry of `{name}` must be {size} bytes.")
     return tuple(value)
+
+
+def _check_signatures(name: str, value: object, count: int) -> tuple[bytes, ...]:
+    """``count`` Ed25519 signatures, or none at all (unauthenticated mode)."""
+    if isinstance(value, tuple | list) and len(value) == 0:
+        return ()
+    return _check_blobs(name, value, SIGNATURE_SIZE, count)
+
+
+def _check_signature(name: str, value: object) -> bytes:
+    """One Ed25519 signature, or ``b""`` (unauthenticated mode)."""
+    if not isinstance(value, bytes) or len(value) not in (0, SIGNATURE_SIZE):
+        raise _bad(f"`{name}` must be a {SIGNATURE_SIZE}-byte Ed25519 signature.")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,40 +285,61 @@ class AdvertiseKeysRequest(SecAggMessage):
 
 @dataclass(frozen=True, kw_only=True)
 class AdvertiseKeysReply(SecAggMessage):
-    """Client -> server: the client's two X25519 public keys for this round."""
+    """Client -> server: the client's two X25519 public keys for this round, the commitment to
+    its self-mask seed, and its identity signature over them and the round's parameters
+    (``identity.advertise_statement``; empty in unauthenticated mode)."""
 
     STAGE: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     KIND: ClassVar[Kind] = Kind.REPLY
-    _BODY: ClassVar[tuple[Key, ...]] = (Key.SHARE_PUBLIC_KEY, Key.MASK_PUBLIC_KEY)
+    _BODY: ClassVar[tuple[Key, ...]] = (
+        Key.SHARE_PUBLIC_KEY,
+        Key.MASK_PUBLIC_KEY,
+        Key.SEED_COMMITMENT,
+        Key.SIGNATURE,
+    )
 
     share_public_key: bytes
     mask_public_key: bytes
+    seed_commitment: bytes
+    signature: bytes
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("share_public_key", "mask_public_key"):
+        for name in ("share_public_key", "mask_public_key", "seed_commitment"):
             value = getattr(self, name)
             if not isinstance(value, bytes) or len(value) != KEY_SIZE:
-                raise _bad(f"`{name}` must be {KEY_SIZE} bytes (raw X25519).")
+                raise _bad(f"`{name}` must be {KEY_SIZE} bytes.")
+        _check_signature("signature", self.signature)
 
     def _body(self) -> Record:
         return {
             Key.SHARE_PUBLIC_KEY: self.share_public_key,
             Key.MASK_PUBLIC_KEY: self.mask_public_key,
+            Key.SEED_COMMITMENT: self.seed_commitment,
+            Key.SIGNATURE: self.signature,
         }
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShareKeysRequest(SecAggMessage):
-    """Server -> client: the public keys of its neighbours that advertised keys."""
+    """Server -> client: its neighbours that advertised keys, each with its public keys, seed
+    commitment and signature (exactly as the neighbour sent them)."""
 
     STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
     KIND: ClassVar[Kind] = Kind.REQUEST
-    _BODY: ClassVar[tuple[Key, ...]] = (Key.PEER_IDS, Key.SHARE_PUBLIC_KEYS, Key.MASK_PUBLIC_KEYS)
+    _BODY: ClassVar[tuple[Key, ...]] = (
+        Key.PEER_IDS,
+        Key.SHARE_PUBLIC_KEYS,
+        Key.MASK_PUBLIC_KEYS,
+        Key.SEED_COMMITMENTS,
+        Key.SIGNATURES,
+    )
 
     peer_ids: tuple[int, ...]
     share_public_keys: tuple[bytes, ...]
     mask_public_keys: tuple[bytes, ...]
+    seed_commitments: tuple[bytes, ...]
+    signatures: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -301,15 +347,19 @@ class ShareKeysRequest(SecAggMessage):
         if self.node_id in ids:
             raise _bad("`peer_ids` must not contain the receiving node itself.")
         object.__setattr__(self, "peer_ids", ids)
-        for name in ("share_public_keys", "mask_public_keys"):
+        for name in ("share_public_keys", "mask_public_keys", "seed_commitments"):
             blobs = _check_blobs(name, getattr(self, name), KEY_SIZE, len(ids))
             object.__setattr__(self, name, blobs)
+        signatures = _check_signatures("signatures", self.signatures, len(ids))
+        object.__setattr__(self, "signatures", signatures)
 
     def _body(self) -> Record:
         return {
             Key.PEER_IDS: list(self.peer_ids),
             Key.SHARE_PUBLIC_KEYS: list(self.share_public_keys),
             Key.MASK_PUBLIC_KEYS: list(self.mask_public_keys),
+            Key.SEED_COMMITMENTS: list(self.seed_commitments),
+            Key.SIGNATURES: list(self.signatures),
         }
 
 
@@ -363,13 +413,16 @@ class MaskedInputRequest(SecAggMessage):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class MaskedInputReply(SecAggMessage):
-    """Client -> server: the masked, quantized update (uint32, as large as the float32 one)."""
+    """Client -> server: the masked, quantized update (uint32, as large as the float32 one) and
+    ``peer_ids``, the senders whose shares it opened and whose pairwise masks it added (a
+    sender whose share it could not open is left out, as if that share never arrived)."""
 
     STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
     KIND: ClassVar[Kind] = Kind.REPLY
-    _BODY: ClassVar[tuple[Key, ...]] = (Key.MASKED_INPUT,)
+    _BODY: ClassVar[tuple[Key, ...]] = (Key.MASKED_INPUT, Key.PEER_IDS)
 
     masked_input: NDArray[np.uint32]
+    peer_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -377,31 +430,89 @@ class MaskedInputReply(SecAggMessage):
         if not isinstance(value, np.ndarray) or value.dtype != np.uint32 or value.ndim != 1:
             dtype = getattr(value, "dtype", type(value).__name__)
             raise _bad(f"`masked_input` must be a 1-D uint32 numpy array. Found {dtype}.")
+        ids = _check_ids("peer_ids", self.peer_ids)
+        if self.node_id in ids:
+            raise _bad("`peer_ids` must not contain the sender itself.")
+        object.__setattr__(self, "peer_ids", ids)
 
     def _body(self) -> Record:
-        return {Key.MASKED_INPUT: self.masked_input}
+        return {Key.MASKED_INPUT: self.masked_input, Key.PEER_IDS: list(self.peer_ids)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsistencyCheckRequest(SecAggMessage):
+    """Server -> survivor: the survivor set the server claims (the nodes whose masked input is
+    in the sum), for the survivor to sign."""
+
+    STAGE: ClassVar[Stage] = Stage.CONSISTENCY_CHECK
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    _BODY: ClassVar[tuple[Key, ...]] = (Key.SURVIVOR_IDS,)
+
+    survivor_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "survivor_ids", _check_ids("survivor_ids", self.survivor_ids))
+
+    def _body(self) -> Record:
+        return {Key.SURVIVOR_IDS: list(self.survivor_ids)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsistencyCheckReply(SecAggMessage):
+    """Survivor -> server: its identity signature over (run, round, sorted survivor set)
+    (``identity.survivors_statement``)."""
+
+    STAGE: ClassVar[Stage] = Stage.CONSISTENCY_CHECK
+    KIND: ClassVar[Kind] = Kind.REPLY
+    _BODY: ClassVar[tuple[Key, ...]] = (Key.SIGNATURE,)
+
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_SIZE:
+            raise _bad(f"`signature` must be a {SIGNATURE_SIZE}-byte Ed25519 signature.")
+
+    def _body(self) -> Record:
+        return {Key.SIGNATURE: self.signature}
 
 
 @dataclass(frozen=True, kw_only=True)
 class UnmaskRequest(SecAggMessage):
-    """Server -> client: which neighbours' masked inputs arrived (surviving) and which not."""
+    """Server -> client: which neighbours' masked inputs are in the sum (surviving) and which
+    not, with the consistency-check signatures of the survivors in its neighbourhood (signer
+    ids and signatures; both empty in unauthenticated mode)."""
 
     STAGE: ClassVar[Stage] = Stage.UNMASK
     KIND: ClassVar[Kind] = Kind.REQUEST
-    _BODY: ClassVar[tuple[Key, ...]] = (Key.SURVIVING_IDS, Key.DROPPED_IDS)
+    _BODY: ClassVar[tuple[Key, ...]] = (
+        Key.SURVIVING_IDS,
+        Key.DROPPED_IDS,
+        Key.SIGNER_IDS,
+        Key.SIGNATURES,
+    )
 
     surviving_ids: tuple[int, ...]
     dropped_ids: tuple[int, ...]
+    signer_ids: tuple[int, ...]
+    signatures: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "surviving_ids", _check_ids("surviving_ids", self.surviving_ids))
         object.__setattr__(self, "dropped_ids", _check_ids("dropped_ids", self.dropped_ids))
+        signers = _check_ids("signer_ids", self.signer_ids)
+        object.__setattr__(self, "signer_ids", signers)
+        blobs = _check_blobs("signatures", self.signatures, SIGNATURE_SIZE, len(signers))
+        object.__setattr__(self, "signatures", blobs)
 
     def _body(self) -> Record:
         return {
             Key.SURVIVING_IDS: list(self.surviving_ids),
             Key.DROPPED_IDS: list(self.dropped_ids),
+            Key.SIGNER_IDS: list(self.signer_ids),
+            Key.SIGNATURES: list(self.signatures),
         }
 
 
@@ -452,6 +563,8 @@ MESSAGE_TYPES: Final[tuple[type[SecAggMessage], ...]] = (
     ShareKeysReply,
     MaskedInputRequest,
     MaskedInputReply,
+    ConsistencyCheckRequest,
+    ConsistencyCheckReply,
     UnmaskRequest,
     UnmaskReply,
 )

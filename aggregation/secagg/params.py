@@ -21,7 +21,8 @@ class SecAggParams:
             When N*k is odd no k-regular graph exists: one client then gets k+1 neighbours.
         threshold: t, the number of shares needed to rebuild a client's secret, counted in its
             neighbourhood of k+1 share holders (itself and its neighbours); 2 <= t <= k+1.
-            Fewer than t colluding holders learn nothing about the secret.
+            Fewer than t colluding holders learn nothing about the secret. Clients also require
+            2t > k + 1 (+ the colluders they assume) before they join: see ``SecAggPolicy``.
         vector_length: P, the number of float32 values each client contributes (>= 1).
         clipping_range: c > 0; values are clipped to [-c, c] before quantization.
         modulus: must be 2^32.

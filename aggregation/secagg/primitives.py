@@ -1,11 +1,17 @@
 """Cryptographic primitives of SecAgg+ on ``cryptography`` (one primitive per function).
 
-Threat model: a semi-honest (honest-but-curious) server that routes every message and sees
-everything it routes; clients may drop out at any stage. Keys and masks come from
+Threat model: a malicious server that routes, sees, drops, replays and rewrites every message
+(see ``aggregation.secagg``); clients may drop out at any stage. Keys and masks come from
 ``os.urandom`` and AES; never from a seeded non-cryptographic generator.
 
 - Key agreement: X25519 (RFC 7748), two key pairs per client and round: one to encrypt the
-  Shamir shares routed through the server, one to derive pairwise masks.
+  Shamir shares routed through the server, one to derive pairwise masks. Public keys are
+  checked before use (:func:`check_public_key`): ``cryptography`` loads any 32 bytes and only
+  refuses an all-zero shared secret in ``exchange``; fedbrain also refuses non-canonical
+  encodings (u >= p or the top bit set: two encodings of one key would defeat the replay
+  check) and the small-order points themselves, so the server can refuse them on receipt.
+- Self-mask seed commitment: SHA-256 over a domain tag, run, round, node id and the seed
+  (:func:`seed_commitment`); the server checks a rebuilt seed against it.
 - Key derivation: HKDF-SHA256 (RFC 5869) with an explicit salt and an ``info`` that binds the
   purpose, run id, round and both node ids (ordered), so no key is used in two contexts.
 - Share encryption: AES-256-GCM; the associated data binds sender, receiver, run and round, so
@@ -29,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
-from aggregation.secagg.errors import SecAggDecryptionError
+from aggregation.secagg.errors import SecAggAuthenticationError, SecAggDecryptionError
 
 KEY_SIZE: Final = 32
 NONCE_SIZE: Final = 12
@@ -38,6 +44,20 @@ HKDF_SALT: Final = b"fedbrain/secagg-plus/v1/hkdf-salt"
 
 PURPOSE_SHARE_KEY: Final = b"share-encryption-key"
 PURPOSE_PAIRWISE_MASK: Final = b"pairwise-mask-key"
+
+_P25519: Final = 2**255 - 19
+SMALL_ORDER_POINTS: Final = frozenset(
+    {
+        0,
+        1,
+        # the two points of order 8 (RFC 7748 sec. 7; libsodium's blocklist), and p - 1
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        _P25519 - 1,
+    }
+)
+"""Canonical u-coordinates of the points of order 1, 2, 4 and 8 on Curve25519 and its twist."""
+_ZERO_SECRET: Final = bytes(32)
 
 CHUNK_VALUES: Final = 1 << 16  # 256 KiB chunks: vector chunk and keystream stay in L2
 _ZEROS: Final = bytes(CHUNK_VALUES * 4)
@@ -66,10 +86,31 @@ def load_private_key(raw: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(raw)
 
 
+def check_public_key(raw: bytes) -> None:
+    """Refuse a raw X25519 public key that is not 32 bytes, not canonical (u >= 2^255 - 19 or
+    the top bit set) or of small order (its shared secret would be all-zero, known to anyone).
+
+    Raises SecAggAuthenticationError (a ValueError) naming the problem.
+    """
+    if not isinstance(raw, bytes) or len(raw) != KEY_SIZE:
+        raise SecAggAuthenticationError(f"An X25519 public key has {KEY_SIZE} bytes.")
+    if raw[31] & 0x80:
+        raise SecAggAuthenticationError(
+            "Non-canonical X25519 public key: the top bit is set (RFC 7748 masks it)."
+        )
+    u = int.from_bytes(raw, "little")
+    if u >= _P25519:
+        raise SecAggAuthenticationError("Non-canonical X25519 public key: u >= 2^255 - 19.")
+    if u in SMALL_ORDER_POINTS:
+        raise SecAggAuthenticationError(
+            "X25519 public key of small order (all-zero or low-order point): its shared secret "
+            "would not depend on the private key."
+        )
+
+
 def load_public_key(raw: bytes) -> X25519PublicKey:
-    """Load a raw 32-byte X25519 public key."""
-    if len(raw) != KEY_SIZE:
-        raise ValueError(f"An X25519 public key has {KEY_SIZE} bytes. Found {len(raw)}.")
+    """Load a raw 32-byte X25519 public key after :func:`check_public_key`."""
+    check_public_key(raw)
     return X25519PublicKey.from_public_bytes(raw)
 
 
@@ -105,11 +146,35 @@ def agree(
 ) -> bytes:
     """X25519 then HKDF-SHA256: a 32-byte key for ``purpose`` shared by nodes a and b.
 
-    Raises ValueError if the peer's public key is malformed or of small order.
+    Raises ValueError (SecAggAuthenticationError) if the peer's public key is malformed,
+    non-canonical or of small order; an all-zero shared secret is never used.
     """
     shared = private_key.exchange(load_public_key(peer_public))
+    if shared == _ZERO_SECRET:  # cryptography refuses it already; never rely on that alone
+        raise SecAggAuthenticationError("The X25519 shared secret is all-zero.")
     info = key_info(purpose, run_id=run_id, round_=round_, node_a=node_a, node_b=node_b)
     return hkdf_sha256(shared, salt=HKDF_SALT, info=info)
+
+
+def seed_commitment(seed: bytes, *, run_id: int, round_: int, node_id: int) -> bytes:
+    """SHA-256 commitment to a self-mask seed, bound to run, round and node.
+
+    Binding: SHA-256 is collision resistant, so a node cannot open it to two seeds. Hiding: the
+    seed is 256 uniformly random bits used only as an AES key, so the digest (a different
+    function of it) reveals nothing usable about the mask (random-oracle argument).
+    """
+    if len(seed) != KEY_SIZE:
+        raise ValueError(f"A self-mask seed has {KEY_SIZE} bytes. Found {len(seed)}.")
+    digest = hashes.Hash(hashes.SHA256())
+    for part in (
+        b"fedbrain/secagg-plus/v1/seed-commitment\x00",
+        run_id.to_bytes(8, "big"),
+        round_.to_bytes(8, "big"),
+        node_id.to_bytes(8, "big"),
+        seed,
+    ):
+        digest.update(part)
+    return digest.finalize()
 
 
 def share_associated_data(*, run_id: int, round_: int, sender: int, receiver: int) -> bytes:

@@ -11,6 +11,7 @@ step, so the decoded sum is within n * step of the sum of the clipped floats.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Final
 
@@ -26,7 +27,7 @@ _CHUNK: Final = CHUNK_VALUES
 def quantize(
     update: NDArray[np.float32],
     params: SecAggParams,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     *,
     on_chunk: Callable[[NDArray[np.uint32]], None] | None = None,
 ) -> NDArray[np.uint32]:
@@ -34,9 +35,10 @@ def quantize(
 
     Computes ``floor((x + c) * L / 2c + U)`` clamped to [0, L] (clamping after scaling is the
     same as clipping x first), with U uniform on [0, 1) from 32 random bits (at least 21 survive
-    the float64 sum). The bits are the AES-256-CTR keystream of a 32-byte key drawn from
-    ``rng``: twice as fast as numpy's generators and still fully determined by ``rng``, which
-    only drives the rounding, never a mask. Works chunk by chunk in cache-sized float64 scratch
+    the float64 sum). The bits are the AES-256-CTR keystream of a 32-byte key from
+    ``os.urandom`` (the default: the rounding is the node's secret, never the server's) or, for
+    tests, drawn from ``rng``; twice as fast as numpy's generators. The rounding key never
+    drives a mask. Works chunk by chunk in cache-sized float64 scratch
     buffers; ``on_chunk`` (optional) sees each finished output chunk while it is still in cache
     (the client masks it there). Raises TypeError for a non-float32 input, ValueError for a
     wrong shape or a NaN/Inf value.
@@ -51,7 +53,7 @@ def quantize(
     scaled = np.empty(_CHUNK, dtype=np.float64)
     noise = np.empty(_CHUNK, dtype=np.float64)
     raw_buffer = np.empty(_CHUNK, dtype=np.uint32)
-    rounding = Keystream(rng.bytes(32))
+    rounding = Keystream(os.urandom(32) if rng is None else rng.bytes(32))
     for start in range(0, size, _CHUNK):
         stop = min(size, start + _CHUNK)
         count = stop - start

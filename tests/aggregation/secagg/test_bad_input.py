@@ -11,7 +11,6 @@ from aggregation.secagg import (
     ClientPhase,
     ClientSession,
     MaskedInputRequest,
-    SecAggDecryptionError,
     SecAggMessage,
     SecAggParams,
     SecAggProtocolError,
@@ -195,22 +194,29 @@ def test_server_rejects_duplicated_node_ids() -> None:
         )
 
 
-def test_tampered_share_fails_authentication_and_the_round_continues_without_its_receiver() -> None:
-    target = {"done": False}
+def test_tampered_share_leaves_its_sender_out_and_the_round_continues() -> None:
+    # Node 13 cannot open one share: it leaves that sender out (no error, the threshold still
+    # holds) and says so; the server removes the sender's input, whose masks now disagree.
+    flipped: dict[str, int] = {}
 
     def flip_one_share(message: SecAggMessage) -> SecAggMessage:
-        if isinstance(message, MaskedInputRequest) and message.node_id == 13 and not target["done"]:
-            target["done"] = True
+        if isinstance(message, MaskedInputRequest) and message.node_id == 13 and not flipped:
+            flipped["sender"] = message.sender_ids[0]
             first = message.ciphertexts[0]
             bad = first[:-1] + bytes([first[-1] ^ 0x80])
             return replace(message, ciphertexts=(bad, *message.ciphertexts[1:]))
         return message
 
-    outcome = run_secagg_round(
-        PARAMS, inputs(), rng=np.random.default_rng(2), tamper=flip_one_share
-    )
-    assert isinstance(outcome.client_errors[13], SecAggDecryptionError)
-    assert 13 not in outcome.result.contributors and len(outcome.result.contributors) == 5
+    updates = inputs()
+    outcome = run_secagg_round(PARAMS, updates, rng=np.random.default_rng(2), tamper=flip_one_share)
+    sender = flipped["sender"]
+    assert outcome.client_errors == {}
+    assert 13 in outcome.result.contributors and sender not in outcome.result.contributors
+    assert "[13] could not open its encrypted shares" in outcome.dropout_reasons[sender]
+    contributors = outcome.result.contributors
+    expected = sum(np.clip(updates[n], -1, 1).astype(np.float64) for n in contributors)
+    bound = len(contributors) * PARAMS.quantization_step
+    assert np.abs(outcome.dequantized_sum(PARAMS) - expected).max() <= bound
 
 
 def test_share_replayed_from_another_round_or_sender_fails_authentication() -> None:
@@ -233,7 +239,10 @@ def test_share_replayed_from_another_round_or_sender_fails_authentication() -> N
     outcome = run_secagg_round(
         PARAMS, inputs(), rng=np.random.default_rng(3), server_round=2, tamper=replay
     )
-    assert isinstance(outcome.client_errors[14], SecAggDecryptionError)
+    replayed_sender = old.sender_ids[0]
+    assert outcome.client_errors == {}
+    assert replayed_sender not in outcome.result.contributors  # 14 left it out
+    assert "could not open" in outcome.dropout_reasons[replayed_sender]
 
     def swap_senders(message: SecAggMessage) -> SecAggMessage:
         if isinstance(message, MaskedInputRequest) and message.node_id == 14:
@@ -242,8 +251,9 @@ def test_share_replayed_from_another_round_or_sender_fails_authentication() -> N
         return message
 
     outcome = run_secagg_round(PARAMS, inputs(), rng=np.random.default_rng(4), tamper=swap_senders)
-    assert isinstance(outcome.client_errors[14], SecAggDecryptionError)
+    # 14 opens neither swapped share; disagreeing with two peers, it is the one removed.
     assert 14 not in outcome.result.contributors
+    assert "it could not open their encrypted shares" in outcome.dropout_reasons[14]
 
 
 def test_client_refuses_shares_from_a_node_it_never_shared_keys_with() -> None:

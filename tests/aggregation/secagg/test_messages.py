@@ -10,6 +10,8 @@ import pytest
 from aggregation.secagg import (
     AdvertiseKeysReply,
     AdvertiseKeysRequest,
+    ConsistencyCheckReply,
+    ConsistencyCheckRequest,
     MaskedInputReply,
     MaskedInputRequest,
     SecAggMessage,
@@ -30,23 +32,53 @@ PARAMS = SecAggParams(
 H = {"run_id": 7, "server_round": 2, "node_id": 3}
 CT = b"c" * CIPHERTEXT_SIZE
 SH = b"\x00" * SHARE_SIZE
+SIG = b"g" * 64
 
 MESSAGES: list[SecAggMessage] = [
     AdvertiseKeysRequest(**H, params=PARAMS, neighbours=(1, 4)),
-    AdvertiseKeysReply(**H, share_public_key=b"s" * 32, mask_public_key=b"m" * 32),
+    AdvertiseKeysReply(
+        **H,
+        share_public_key=b"s" * 32,
+        mask_public_key=b"m" * 32,
+        seed_commitment=b"h" * 32,
+        signature=SIG,
+    ),
     ShareKeysRequest(
         **H,
         peer_ids=(1, 4),
         share_public_keys=(b"a" * 32, b"b" * 32),
         mask_public_keys=(b"c" * 32, b"d" * 32),
+        seed_commitments=(b"e" * 32, b"f" * 32),
+        signatures=(SIG, SIG),
     ),
     ShareKeysReply(**H, receiver_ids=(1, 4), ciphertexts=(CT, CT)),
     MaskedInputRequest(**H, sender_ids=(4,), ciphertexts=(CT,)),
-    MaskedInputReply(**H, masked_input=np.array([1, 2, 2**32 - 1], dtype=np.uint32)),
-    UnmaskRequest(**H, surviving_ids=(1, 3), dropped_ids=(4,)),
+    MaskedInputReply(**H, masked_input=np.array([1, 2, 2**32 - 1], dtype=np.uint32), peer_ids=(4,)),
+    UnmaskRequest(
+        **H, surviving_ids=(1, 3), dropped_ids=(4,), signer_ids=(1, 3), signatures=(SIG, SIG)
+    ),
     UnmaskReply(
         **H, seed_share_ids=(1, 3), seed_shares=(SH, SH), key_share_ids=(4,), key_shares=(SH,)
     ),
+    ConsistencyCheckRequest(**H, survivor_ids=(1, 3, 5)),
+    ConsistencyCheckReply(**H, signature=SIG),
+    # unauthenticated (legacy) forms: no signatures
+    AdvertiseKeysReply(
+        **H,
+        share_public_key=b"s" * 32,
+        mask_public_key=b"m" * 32,
+        seed_commitment=b"h" * 32,
+        signature=b"",
+    ),
+    ShareKeysRequest(
+        **H,
+        peer_ids=(1,),
+        share_public_keys=(b"a" * 32,),
+        mask_public_keys=(b"c" * 32,),
+        seed_commitments=(b"e" * 32,),
+        signatures=(),
+    ),
+    UnmaskRequest(**H, surviving_ids=(1, 3), dropped_ids=(), signer_ids=(), signatures=()),
 ]
 
 
@@ -102,6 +134,17 @@ def test_record_of_another_stage_is_rejected() -> None:
         (0, "clipping_range", 0.5, "hex"),
         (7, "key_share_ids", [1], "both shares"),
         (0, "run_id", "7", "must be an int"),
+        (1, "signature", b"x" * 63, "64-byte Ed25519"),
+        (1, "seed_commitment", b"x" * 31, "32 bytes"),
+        (2, "signatures", [SIG], "one entry per node id"),
+        (2, "seed_commitments", [b"e" * 32], "one entry per node id"),
+        (5, "peer_ids", [3], "must not contain the sender"),
+        (5, "peer_ids", [4, 1], "strictly increasing"),
+        (6, "signatures", [], "one entry per node id"),
+        (6, "signer_ids", [1], "one entry per node id"),
+        (8, "survivor_ids", [5, 3], "strictly increasing"),
+        (9, "signature", b"", "64-byte Ed25519"),
+        (9, "signature", "sig", "64-byte Ed25519"),
     ],
 )
 def test_malformed_record_field_is_rejected(

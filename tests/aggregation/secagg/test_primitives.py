@@ -141,3 +141,58 @@ def test_tampered_or_rebound_share_raises_one_decryption_error() -> None:
         primitives.decrypt_share(b"\x01" * 32, ciphertext, ad)
     with pytest.raises(SecAggDecryptionError):
         primitives.decrypt_share(key, b"short", ad)
+
+
+_P = 2**255 - 19
+SMALL_ORDER_AND_NON_CANONICAL = {
+    "all-zero": bytes(32),
+    "one": (1).to_bytes(32, "little"),
+    "order-8-a": bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    "order-8-b": bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    "p-1": (_P - 1).to_bytes(32, "little"),
+    "p (non-canonical 0)": _P.to_bytes(32, "little"),
+    "p+1 (non-canonical 1)": (_P + 1).to_bytes(32, "little"),
+    "p+5 (non-canonical 5)": (_P + 5).to_bytes(32, "little"),
+    "top bit set": (9).to_bytes(32, "little")[:31] + b"\x80",
+}
+
+
+@pytest.mark.parametrize(
+    "raw", SMALL_ORDER_AND_NON_CANONICAL.values(), ids=SMALL_ORDER_AND_NON_CANONICAL.keys()
+)
+def test_small_order_and_non_canonical_x25519_keys_are_refused_before_use(raw: bytes) -> None:
+    # cryptography loads all of these; its exchange() refuses only those whose secret is zero.
+    X25519PublicKey.from_public_bytes(raw)
+    with pytest.raises(ValueError, match=r"small order|Non-canonical"):
+        primitives.check_public_key(raw)
+    with pytest.raises(ValueError, match=r"small order|Non-canonical"):
+        primitives.agree(
+            primitives.generate_private_key(),
+            raw,
+            primitives.PURPOSE_SHARE_KEY,
+            run_id=1,
+            round_=1,
+            node_a=1,
+            node_b=2,
+        )
+
+
+def test_honest_public_keys_pass_the_check() -> None:
+    for _ in range(20):
+        primitives.check_public_key(primitives.public_bytes(primitives.generate_private_key()))
+    primitives.check_public_key((9).to_bytes(32, "little"))  # the base point
+
+
+def test_seed_commitment_binds_seed_run_round_and_node() -> None:
+    seed = bytes(range(32))
+    base = primitives.seed_commitment(seed, run_id=1, round_=2, node_id=3)
+    assert len(base) == 32
+    others = {
+        primitives.seed_commitment(bytes(32), run_id=1, round_=2, node_id=3),
+        primitives.seed_commitment(seed, run_id=9, round_=2, node_id=3),
+        primitives.seed_commitment(seed, run_id=1, round_=9, node_id=3),
+        primitives.seed_commitment(seed, run_id=1, round_=2, node_id=9),
+    }
+    assert base not in others and len(others) == 4
+    with pytest.raises(ValueError, match="32 bytes"):
+        primitives.seed_commitment(seed[:31], run_id=1, round_=2, node_id=3)
