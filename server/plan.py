@@ -111,8 +111,9 @@ def secagg_params(
     """SecAgg+ parameters of one collection of ``num_clients`` nodes.
 
     ``k = secagg.num_neighbours`` or ``min(n - 1, ceil(2 log2 n))``; ``t =
-    secagg.reconstruction_threshold`` or ``floor(k / 2) + 1`` (more than half of a node's
-    ``k + 1`` share holders), at least 2. Fewer than :data:`MIN_SECURE_GROUP` nodes, or a
+    secagg.reconstruction_threshold`` or ``floor((k + 1) / 2) + 1`` (more than half of a
+    node's ``k + 1`` share holders, so split views cannot rebuild both of its secrets), at
+    least 2. Fewer than :data:`MIN_SECURE_GROUP` nodes, or a
     threshold that does not fit, is a ``ValueError``. ``clipping_range`` is informational: the
     ring encoding (:class:`aggregation.codec.RingLayout`) bounds every value.
     """
@@ -132,7 +133,7 @@ def secagg_params(
     k = max(1, min(k, num_clients - 1))
     t = job.secagg.reconstruction_threshold
     if t is None:
-        t = max(2, k // 2 + 1)
+        t = max(2, (k + 1) // 2 + 1)
     return SecAggParams(
         num_clients=num_clients,
         num_neighbours=k,
