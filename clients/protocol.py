@@ -77,6 +77,7 @@ _STAGE_ACTION: Final[Mapping[Stage, str]] = {
     Stage.ADVERTISE_KEYS: "secagg_advertise",
     Stage.SHARE_KEYS: "secagg_share",
     Stage.MASKED_INPUT: "secagg_masked",
+    Stage.CONSISTENCY_CHECK: "secagg_consistency",
     Stage.UNMASK: "secagg_unmask",
 }
 
@@ -91,6 +92,7 @@ def secagg_message_type(category: str, stage: Stage) -> str:
 SECAGG_ADVERTISE: Final = secagg_message_type("train", Stage.ADVERTISE_KEYS)
 SECAGG_SHARE: Final = secagg_message_type("train", Stage.SHARE_KEYS)
 SECAGG_MASKED: Final = secagg_message_type("train", Stage.MASKED_INPUT)
+SECAGG_CONSISTENCY: Final = secagg_message_type("train", Stage.CONSISTENCY_CHECK)
 SECAGG_UNMASK: Final = secagg_message_type("train", Stage.UNMASK)
 
 STAGE_MESSAGE_TYPE: Final[Mapping[Stage, str]] = {
@@ -241,23 +243,47 @@ class NodeInfo:
     eligible: bool
     model_fingerprint: str = ""
     reason: str = ""
+    identity_key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.identity_key and (
+            len(self.identity_key) != 64
+            or any(c not in "0123456789abcdef" for c in self.identity_key)
+        ):
+            raise ValueError(
+                "`node_info.identity_key` must be 64 lowercase hex digits (a raw Ed25519 "
+                f"public key) or empty. Found {self.identity_key[:80]!r}."
+            )
+
+    @property
+    def identity_public_key(self) -> bytes | None:
+        """The node's Ed25519 identity key (None: the node holds no identity)."""
+        return bytes.fromhex(self.identity_key) if self.identity_key else None
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(dict(asdict(self)))
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeInfo:
-        unknown = sorted(set(record) - {"node_type", "eligible", "model_fingerprint", "reason"})
+        known = {"node_type", "eligible", "model_fingerprint", "reason", "identity_key"}
+        unknown = sorted(set(record) - known)
         if unknown:
             raise ValueError(f"The `node_info` record has unknown keys {unknown}.")
         node_type, eligible = record.get("node_type"), record.get("eligible")
         fingerprint, reason = record.get("model_fingerprint", ""), record.get("reason", "")
+        identity = record.get("identity_key", "")
         if not isinstance(node_type, str) or not isinstance(eligible, bool):
             raise ValueError("`node_info.node_type` must be a str and `eligible` a bool.")
-        if not isinstance(fingerprint, str) or not isinstance(reason, str):
-            raise ValueError("`node_info.model_fingerprint` and `reason` must be strings.")
+        if not all(isinstance(v, str) for v in (fingerprint, reason, identity)):
+            raise ValueError(
+                "`node_info.model_fingerprint`, `reason` and `identity_key` must be strings."
+            )
         return cls(
-            node_type=node_type, eligible=eligible, model_fingerprint=fingerprint, reason=reason
+            node_type=node_type,
+            eligible=eligible,
+            model_fingerprint=str(fingerprint),
+            reason=str(reason),
+            identity_key=str(identity),
         )
 
 

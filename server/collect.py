@@ -1,5 +1,10 @@
 """Collect one round's contributions: the only Flower I/O of a round.
 
+Secure collections run SecAgg+ (:mod:`aggregation.secagg`) stage by stage as the session
+lists them -- with a ``roster``, the malicious-server protocol (signed keys, consistency check)
+between nodes addressed by their identity-derived SecAgg+ ids (``secagg_ids`` maps each
+transport node id to its SecAgg+ id); Flower only carries the messages.
+
 :class:`Collector` sends one collection's messages over a Flower ``Grid`` and returns
 :class:`Contributions`: the contributors, each dropout with its stage and reason, timings and
 measurements, and either each node's clear-text sums (levels ``none``/``dp``) or the decoded
@@ -15,6 +20,7 @@ turned into ``Contributions.aborted``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,13 +32,13 @@ from flwr.serverapp import Grid
 
 from aggregation.codec import Summed
 from aggregation.secagg import (
+    Roster,
     SecAggAbortedError,
     SecAggError,
     SecAggMessage,
     SecAggParams,
     ServerSession,
     Stage,
-    message_from_record,
 )
 from aggregation.secagg.server import MessageHook
 from aggregation.types import Measurements
@@ -96,6 +102,8 @@ class Collector:
         seed: int = 0,
         secagg_hook: MessageHook | None = None,
         on_stage: StageCallback | None = None,
+        roster: Roster | None = None,
+        secagg_ids: Mapping[int, int] | None = None,
     ) -> None:
         self.grid = grid
         self.job = job
@@ -105,6 +113,8 @@ class Collector:
         self.seed = seed
         self.secagg_hook = secagg_hook
         self.on_stage = on_stage
+        self.roster = roster
+        self.secagg_ids = dict(secagg_ids or {})
 
     # ------------------------------------------------------------------ transport
 
@@ -207,43 +217,32 @@ class Collector:
         try:
             layout = ring_layout(self.job, rnd.work, update_length=length, group_size=len(sampled))
             params = secagg_params(self.job, num_clients=len(sampled), vector_length=layout.length)
+            ids = {node: self.secagg_ids.get(node, node) for node in sampled}
+            if len(set(ids.values())) != len(ids):
+                raise ValueError("two sampled nodes share one SecAgg+ identity")
         except ValueError as exc:
             out.aborted = f"SecAgg+ cannot start with {len(sampled)} node(s): {exc}"
             return
         out.secagg = params
+        transport = {secagg_id: node for node, secagg_id in ids.items()}
         session = ServerSession(
             params,
             run_id=self.run_id,
             server_round=rnd.secagg_round,
-            node_ids=sampled,
+            node_ids=sorted(transport),
             rng=np.random.default_rng(
                 np.random.SeedSequence([self.seed, rnd.server_round, list(Work).index(rnd.work)])
             ),
             on_message=self.secagg_hook,
+            roster=self.roster,
         )
-        alive = set(sampled)
-        stages: list[tuple[Stage, Callable[[], Mapping[int, SecAggMessage]]]] = [
-            (Stage.ADVERTISE_KEYS, session.advertise_keys),
-            (Stage.SHARE_KEYS, session.share_keys),
-            (Stage.MASKED_INPUT, session.masked_input),
-            (Stage.UNMASK, session.unmask),
-        ]
-        stage = Stage.ADVERTISE_KEYS
-        dropped: dict[int, Dropout] = {}
         try:
-            for stage, open_stage in stages:
+            for stage, open_stage in session.stages():
                 began = time.monotonic()
-                requests = open_stage()
-                for node in sorted(alive - set(requests)):  # pruned: could never be unmasked
-                    dropped.setdefault(
-                        node,
-                        Dropout(node, stage.value, "pruned: too few live neighbours to unmask"),
-                    )
-                answered = self._exchange(session, stage, category, rnd, requests, weights, dropped)
+                requests = {transport[i]: request for i, request in open_stage().items()}
+                answered = self._exchange(session, stage, category, rnd, requests, weights, ids)
                 if stage is Stage.UNMASK:
                     out.helped_unmask = frozenset(answered)
-                else:
-                    alive = answered
                 self._stage_done(out, stage.value, began, answered=float(len(answered)))
             result = session.result()
         except SecAggAbortedError as exc:
@@ -251,17 +250,18 @@ class Collector:
             out.measurements.update(
                 {f"secagg_{k}": v for k, v in session.state.measurements.items()}
             )
-            out.dropouts.extend(dropped[n] for n in sorted(dropped))
+            out.dropouts.extend(_dropouts(session.state.dropout_reasons, transport, set()))
             return
-        out.dropouts.extend(dropped[n] for n in sorted(dropped) if n not in result.contributors)
-        out.contributors = tuple(result.contributors)
+        contributors = {transport[i] for i in result.contributors}
+        out.dropouts.extend(_dropouts(result.dropout_reasons, transport, contributors))
+        out.contributors = tuple(sorted(contributors))
         out.measurements.update({f"secagg_{k}": v for k, v in result.measurements.items()})
         if layout.uses_ddp:
             needed = min_survivors(self.job, len(sampled))
             out.measurements["ddp_min_survivors"] = needed
-            if len(result.contributors) < needed:
+            if len(contributors) < needed:
                 out.aborted = (
-                    f"only {len(result.contributors)} node(s) contributed; the distributed noise "
+                    f"only {len(contributors)} node(s) contributed; the distributed noise "
                     f"is sized for at least {needed}, so this sum carries too little noise and "
                     "is discarded"
                 )
@@ -278,8 +278,11 @@ class Collector:
         rnd: RoundConfig,
         requests: Mapping[int, SecAggMessage],
         weights: ArrayRecord | None,
-        dropped: dict[int, Dropout],
+        ids: Mapping[int, int],
     ) -> set[int]:
+        """Send one stage's requests (keyed by transport node) and feed the replies to the
+        session; a node whose reply is missing, an error or refused is rejected with the
+        reason (one dropout, never a crashed round). Returns the nodes that answered."""
         message_type = wire.secagg_message_type(category, stage)
         messages = []
         for node, request in requests.items():
@@ -299,25 +302,30 @@ class Collector:
                 reason = f"error reply: {reply.error.reason}"
             else:
                 try:
-                    parsed = message_from_record(wire.secagg_from_content(reply.content))
-                    if parsed.node_id != node:
-                        raise ValueError(f"the reply names node {parsed.node_id}, not its sender")
-                    session.receive(parsed)
-                except (SecAggError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
-                    reason = f"rejected {stage.value} reply: {exc}"
+                    session.receive_record(ids[node], wire.secagg_from_content(reply.content))
                 except Exception as exc:  # whatever a malformed reply raises, the node drops
-                    reason = f"unreadable {stage.value} reply: {type(exc).__name__}: {exc}"
+                    reason = f"rejected reply: {type(exc).__name__}: {exc}"
             if reason is not None:
                 logger.warning(
                     "Round %d: node %s dropped in %s: %s", rnd.server_round, node, stage, reason
                 )
-                if stage is Stage.UNMASK:  # its input is in the sum already: not a dropout
-                    key = "unmask_silent"
-                    session.state.measurements[key] = (
-                        int(session.state.measurements.get(key, 0)) + 1
-                    )
-                else:
-                    dropped.setdefault(node, Dropout(node, stage.value, reason))
+                with contextlib.suppress(SecAggError):  # unless the session counted it out
+                    session.reject(ids[node], reason)
                 continue
             answered.add(node)
         return answered
+
+
+def _dropouts(
+    reasons: Mapping[int, str], transport: Mapping[int, int], contributors: set[int]
+) -> list[Dropout]:
+    """The session's dropout reasons (``"<stage>: <reason>"`` by SecAgg+ id) as Dropouts of
+    transport nodes; contributors (e.g. silent only in the unmask stage) are not dropouts."""
+    out = []
+    for secagg_id in sorted(reasons):
+        node = transport.get(secagg_id)
+        if node is None or node in contributors:
+            continue
+        stage, _, reason = reasons[secagg_id].partition(": ")
+        out.append(Dropout(node, stage, reason or reasons[secagg_id]))
+    return out

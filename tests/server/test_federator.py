@@ -436,7 +436,13 @@ def test_server_receives_nothing_in_the_clear_under_secure_aggregation(
         assert wire.METRICS not in message.content.metric_records
         if message.metadata.message_type == wire.NODE_INFO:
             record = message.content.config_records[wire.NODE_INFO_RECORD]
-            assert set(record) == {"node_type", "eligible", "model_fingerprint", "reason"}
+            assert set(record) == {
+                "node_type",
+                "eligible",
+                "model_fingerprint",
+                "reason",
+                "identity_key",
+            }
     masked = [m for m in handled if m.stage is Stage.MASKED_INPUT and m.KIND == "reply"]
     assert len(masked) == 9  # initial evaluation, train and eval collections, 3 nodes each
     (round_record,) = ledger_rounds(tmp_path, outcome.run_id)
