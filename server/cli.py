@@ -11,6 +11,7 @@ import typer
 
 from manifests import cli as manifests_cli
 from server import cli_runs
+from server.api import cli as api_cli
 from simulations import cli as simulations_cli
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 manifests_cli.register(app)
 cli_runs.register(app)
 simulations_cli.register(app)
+api_cli.register(app)
 
 
 def main() -> None:
