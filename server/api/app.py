@@ -247,6 +247,36 @@ def _bearer(authorization: str | None, x_api_key: str | None) -> str | None:
     return None
 
 
+def authenticated(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> ApiKey:
+    key = _bearer(authorization, x_api_key)
+    challenge = {"WWW-Authenticate": 'Bearer realm="fedbrain"'}
+    if key is None:
+        raise HTTPException(401, "an API key is required (Authorization: Bearer)", challenge)
+    try:
+        api_key = _state(request).keys.authenticate(key)
+    except AuthError:
+        raise HTTPException(401, "invalid or revoked API key", challenge) from None
+    matched = request.scope.get("route")
+    route = str(getattr(matched, "path", ""))
+    permission = ROUTE_PERMISSIONS.get((request.method, route), Permission.MANAGE_KEYS)
+    if not api_key.role.allows(permission):
+        raise HTTPException(
+            403, f"role {api_key.role} may not {permission} (needs {_least(permission)})"
+        )
+    return api_key
+
+
+Caller = Annotated[ApiKey, Depends(authenticated)]
+
+
+def _state(request: Request) -> _State:
+    return request.app.state.fedbrain  # type: ignore[no-any-return]
+
+
 # ----------------------------------------------------------------------------- app
 
 
@@ -368,30 +398,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     # ------------------------------------------------------------------ auth
 
-    def authenticated(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> ApiKey:
-        key = _bearer(authorization, x_api_key)
-        challenge = {"WWW-Authenticate": 'Bearer realm="fedbrain"'}
-        if key is None:
-            raise HTTPException(401, "an API key is required (Authorization: Bearer)", challenge)
-        try:
-            api_key = state.keys.authenticate(key)
-        except AuthError:
-            raise HTTPException(401, "invalid or revoked API key", challenge) from None
-        matched = request.scope.get("route")
-        route = str(getattr(matched, "path", ""))
-        permission = ROUTE_PERMISSIONS.get((request.method, route), Permission.MANAGE_KEYS)
-        if not api_key.role.allows(permission):
-            raise HTTPException(
-                403, f"role {api_key.role} may not {permission} (needs {_least(permission)})"
-            )
-        return api_key
-
-    Caller = Annotated[ApiKey, Depends(authenticated)]  # noqa: N806 (a type alias)
-
     # ------------------------------------------------------------------ public
 
     @app.get("/healthz", include_in_schema=False)
@@ -460,7 +466,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         openapi_extra=form_body,
         responses={422: {"description": "every problem of the form, with field names"}},
     )
-    async def resolve(request: Request, caller: Caller) -> dict[str, JSONValue]:
+    async def resolve(request: Request, caller: Caller) -> dict[str, Any]:
         spec = _spec(await _json_object(request))
         return _resolved(spec)
 
@@ -470,7 +476,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         summary="Submit a job (queued; runs on the Simulation Engine)",
         openapi_extra=form_body,
     )
-    async def submit(request: Request, caller: Caller) -> dict[str, JSONValue]:
+    async def submit(request: Request, caller: Caller) -> dict[str, Any]:
         spec = _spec(await _json_object(request))
         row = await asyncio.to_thread(worker.submit, spec, by=caller.actor)
         await asyncio.to_thread(
@@ -500,7 +506,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         caller: Caller,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> list[dict[str, JSONValue]]:
+    ) -> list[dict[str, Any]]:
         with store.session() as session:
             rows = session.scalars(
                 select(JobRow)
@@ -511,11 +517,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return [_job_json(r) for r in rows]
 
     @app.get(f"{API}/jobs/{{job_id}}", summary="A job: status, run id, exit code")
-    def job(job_id: str, caller: Caller) -> dict[str, JSONValue]:
+    def job(job_id: str, caller: Caller) -> dict[str, Any]:
         return _job_json(_job(job_id))
 
     @app.post(f"{API}/jobs/{{job_id}}/cancel", status_code=202, summary="Cancel a job")
-    async def cancel(job_id: str, caller: Caller) -> dict[str, JSONValue]:
+    async def cancel(job_id: str, caller: Caller) -> dict[str, Any]:
         _job(job_id)
         before = await asyncio.to_thread(worker.request_cancel, job_id, by=caller.actor)
         row = _job(job_id)
@@ -581,7 +587,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         status: Annotated[
             str | None, Query(pattern="^(running|completed|rejected|failed|aborted)$")
         ] = None,
-    ) -> dict[str, JSONValue]:
+    ) -> dict[str, Any]:
         page = ledger.list_runs(limit=limit, offset=offset, status=status)
         return {
             "total": ledger.count_runs(status=status),
@@ -589,7 +595,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         }
 
     @app.get(f"{API}/runs/{{run_id}}", summary="A run: verdict, privacy, refused nodes, job")
-    def run(run_id: str, caller: Caller) -> dict[str, JSONValue]:
+    def run(run_id: str, caller: Caller) -> dict[str, Any]:
         summary = ledger.get_run(run_id)
         refused = ledger.refused_nodes(run_id)
         job_row = _job_of_run(run_id)
@@ -606,7 +612,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         run_id: str,
         caller: Caller,
         after: Annotated[int, Query(ge=0, description="Only rounds after this one")] = 0,
-    ) -> list[dict[str, JSONValue]]:
+    ) -> list[dict[str, Any]]:
         return [_round_view(r) for r in ledger.rounds(run_id, after=after)]
 
     def _bundle(run_id: str) -> Path:
@@ -628,7 +634,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return FileResponse(path, media_type="application/zip", filename=path.name)
 
     @app.get(f"{API}/runs/{{run_id}}/bundle/manifest", summary="The bundle's manifest")
-    def manifest(run_id: str, caller: Caller) -> dict[str, JSONValue]:
+    def manifest(run_id: str, caller: Caller) -> dict[str, Any]:
         path = _bundle(run_id)
         try:
             with zipfile.ZipFile(path) as archive:
@@ -644,7 +650,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         f"{API}/runs/{{run_id}}/bundle/verification",
         summary="Verify the bundle against the server's trusted keys",
     )
-    def verification(run_id: str, caller: Caller) -> dict[str, JSONValue]:
+    def verification(run_id: str, caller: Caller) -> dict[str, Any]:
         path = _bundle(run_id)
         try:
             trusted = TrustedKeys.load(worker.settings.trusted_keys)
@@ -765,7 +771,7 @@ def _least(permission: Permission) -> str:
     return PERMISSIONS[permission].value
 
 
-def _resolved(spec: JobSpec) -> dict[str, JSONValue]:
+def _resolved(spec: JobSpec) -> dict[str, Any]:
     fields = spec.manifest_fields(created_at=datetime.now(UTC))
     entry = spec.catalog_entry
     model = modelsize.estimate(
@@ -797,7 +803,7 @@ def _resolved(spec: JobSpec) -> dict[str, JSONValue]:
     return _json_safe(resolved)  # type: ignore[return-value]
 
 
-def _run_row(document: dict[str, JSONValue]) -> dict[str, JSONValue]:
+def _run_row(document: dict[str, JSONValue]) -> dict[str, Any]:
     """A run with clear names: ``epsilon_spent`` and ``rounds_recorded``, no job blob."""
     job = document.pop("job", {})
     document["epsilon_spent"] = document.pop("final_epsilon", None)

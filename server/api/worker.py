@@ -319,7 +319,10 @@ class Worker:
         ]
         if self.settings.pass_database_url:
             command += ["--database-url", self.settings.database_url]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the subprocess runs this very code, wherever it was imported from
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         with (out / LOG_FILE).open("wb") as log:
             process = subprocess.Popen(  # noqa: S603 (argv from settings, no shell)
                 command,
