@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -23,8 +24,8 @@ def _path(template: str) -> str:
 
 
 def _call(api: Api, method: str, path: str, headers: dict[str, str]) -> int:
-    body = {"json": {}} if method == "POST" else {}
-    return api.client.request(method, _path(path), headers=headers, **body).status_code
+    body: dict[str, Any] = {"json": {}} if method == "POST" else {}
+    return int(api.client.request(method, _path(path), headers=headers, **body).status_code)
 
 
 def test_the_permission_table_covers_every_route_of_the_app(api: Api) -> None:
