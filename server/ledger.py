@@ -726,6 +726,9 @@ class Ledger:
         if _is_memory_sqlite(parsed):
             # one shared connection, or every connection would see a new, empty database
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        elif parsed.get_backend_name() != "sqlite":
+            # many concurrent readers (the operator API's request threads) and one writer
+            kwargs.update(pool_size=20, max_overflow=5, pool_pre_ping=True)
         self._url = parsed
         self._clock = clock
         try:

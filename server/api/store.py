@@ -12,7 +12,17 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, Text, create_engine
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -88,8 +98,13 @@ class ApiStore:
             else:
                 kwargs.update(connect_args={"check_same_thread": False, "timeout": 30})
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            kwargs.update(pool_size=10, max_overflow=5, pool_pre_ping=True)
         self.engine: Engine = create_engine(parsed, **kwargs)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            # WAL: the API's readers do not block the run that writes rounds, nor it them.
+            # The mode is stored in the database file, so the ledger's own connections (and a
+            # run writing to this database) use it too.
+            event.listen(self.engine, "connect", _wal)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
             ApiBase.metadata.create_all(self.engine)
@@ -106,6 +121,12 @@ class ApiStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _wal(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
 
 
 def _line(exc: BaseException) -> str:
