@@ -55,10 +55,17 @@ def _exit(code: int, message: str) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _sqlite_folder(db: str) -> None:
+    """Create the folder of a SQLite database file (the first command may be any of them)."""
+    if db.startswith("sqlite:///") and db not in ("sqlite:///", "sqlite:///:memory:"):
+        Path(db.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
 def _store(db: str) -> Any:
     from server.api.store import ApiStore
     from server.ledger import LedgerError
 
+    _sqlite_folder(db)
     try:
         return ApiStore(db)
     except (LedgerError, ValueError) as exc:
@@ -93,8 +100,7 @@ def serve(
     from server.api.app import ApiSettings, create_app
     from server.ledger import LedgerError
 
-    if db.startswith("sqlite:///") and not db.startswith("sqlite:////"):
-        Path(db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    _sqlite_folder(db)
     worker: dict[str, object] = {}
     if scenario_template is not None:
         if not scenario_template.is_file():

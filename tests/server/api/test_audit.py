@@ -117,3 +117,27 @@ def test_audit_verify_on_a_garbage_database_is_a_one_line_usage_error(tmp_path: 
     result = runner.invoke(app, ["audit", "verify", "--db", f"sqlite:///{path}"])
     assert result.exit_code == 2
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_first_admin_key_from_the_cli_works_on_a_fresh_folder(
+    tmp_path: object, monkeypatch: object
+) -> None:
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from server.api.app import ApiSettings, create_app
+
+    folder = Path(str(tmp_path)) / "fresh" / "api"
+    db = f"sqlite:///{folder / 'fedbrain.sqlite'}"
+    result = runner.invoke(
+        app, ["api-keys", "create", "--name", "me", "--role", "admin", "--db", db]
+    )
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip().splitlines()[-1]
+    assert key.startswith("fbk_")
+    with TestClient(create_app(ApiSettings(db, folder, start_worker=False))) as client:
+        me = client.get("/api/v1/whoami", headers={"Authorization": f"Bearer {key}"}).json()
+        assert (me["name"], me["role"]) == ("me", "admin")
+        (row,) = client.get("/api/v1/audit", headers={"Authorization": f"Bearer {key}"}).json()
+        assert (row["actor"], row["action"]) == ("cli", "key.created")
