@@ -119,9 +119,7 @@ def test_audit_verify_on_a_garbage_database_is_a_one_line_usage_error(tmp_path: 
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_the_first_admin_key_from_the_cli_works_on_a_fresh_folder(
-    tmp_path: object, monkeypatch: object
-) -> None:
+def test_the_first_admin_key_from_the_cli_works_on_a_fresh_folder(tmp_path: object) -> None:
     from pathlib import Path
 
     from fastapi.testclient import TestClient
