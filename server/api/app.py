@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 import uuid
 import zipfile
@@ -33,16 +32,26 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from manifests import catalog, modelsize
-from manifests.jobspec import DpUnit, JobSpec, JobSpecError
+from manifests import catalog
+from manifests.jobspec import JobSpec, JobSpecError
 from manifests.keys import TrustedKeys
 from manifests.verify import BundleVerificationError, verify_bundle
 from server.api.audit import Action, AuditLog
 from server.api.auth import ApiKey, AuthError, KeyStore, Permission, Role
 from server.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from server.api.store import ApiStore, JobRow
+from server.api.views import (
+    epsilon_budget,
+    form_errors,
+    job_json,
+    json_safe,
+    num_rounds,
+    resolved,
+    round_view,
+    run_row,
+)
 from server.api.worker import EVENTS_FILE, JobState, Worker, WorkerSettings, read_events
-from server.ledger import JSONValue, Ledger, LedgerError, RoundRecord, RunNotFoundError
+from server.ledger import Ledger, LedgerError, RunNotFoundError
 
 __all__ = ["ROUTE_PERMISSIONS", "ApiSettings", "create_app"]
 
@@ -108,34 +117,8 @@ class _State:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _json_safe(value: object) -> JSONValue:
-    """Non-finite floats as strings; uint64 node ids as strings (JavaScript loses them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, Mapping):
-        return {
-            str(k): (str(v) if k == "node_id" and isinstance(v, int) else _json_safe(v))
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
 def _problem(status: int, detail: str, **extra: object) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
-
-
-def _form_errors(problems: tuple[str, ...] | list[str]) -> list[dict[str, str]]:
-    errors = []
-    for problem in problems:
-        name, sep, message = problem.partition(": ")
-        errors.append(
-            {"field": name, "message": message} if sep else {"field": "job", "message": problem}
-        )
-    return errors
 
 
 async def _json_object(request: Request) -> dict[str, object]:
@@ -160,73 +143,6 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
-
-
-def _job_json(row: JobRow) -> dict[str, JSONValue]:
-    return {
-        "job_id": row.job_id,
-        "status": row.status,
-        "artifact_name": row.artifact_name,
-        "submitted_at": row.submitted_at.isoformat(),
-        "submitted_by": row.submitted_by,
-        "started_at": None if row.started_at is None else row.started_at.isoformat(),
-        "finished_at": None if row.finished_at is None else row.finished_at.isoformat(),
-        "run_id": row.run_id,
-        "exit_code": row.exit_code,
-        "error": row.error,
-        "cancel_requested": row.cancel_requested,
-        "job": _json_safe(row.job),
-    }
-
-
-def _round_view(record: RoundRecord) -> dict[str, JSONValue]:
-    """One round with names that say what they are (eval_loss, not loss)."""
-    train = record.metrics.get("train", {})
-    evaluation = record.metrics.get("eval", {})
-
-    def metric(values: Mapping[str, object], name: str) -> float | None:
-        value = values.get(name)
-        return (
-            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-        )
-
-    contributed = [p for p in record.participants if p.outcome.value == "contributed"]
-    dropped = [p for p in record.participants if p.outcome.value == "dropped"]
-    view = {
-        "round": record.round,
-        "status": record.status.value,
-        "recorded_at": None if record.recorded_at is None else record.recorded_at.isoformat(),
-        "nodes_sampled": record.sampled,
-        "nodes_responded": record.responded,
-        "nodes_dropped": record.dropped,
-        "dropped_by_stage": dict(record.dropped_by_stage),
-        "eval_loss": metric(evaluation, "eval_loss"),
-        "eval_accuracy": metric(evaluation, "eval_accuracy"),
-        "train_loss": metric(train, "train_loss"),
-        "epsilon_spent": record.epsilon,
-        "delta": record.delta,
-        "reliability": record.reliability,
-        "reliability_reasons": list(record.reliability_reasons),
-        "update_norm": record.update_norm,
-        "noise_to_signal": record.noise_to_signal,
-        "stage_seconds": dict(record.timings),
-        "metrics": {k: dict(v) for k, v in record.metrics.items()},
-        "participants": [
-            {
-                "node_id": str(p.node_id),
-                "node_type": p.node_type,
-                "phase": p.phase.value,
-                "outcome": p.outcome.value,
-                "stage": p.stage,
-            }
-            for p in record.participants
-        ],
-        "contributors": len({p.node_id for p in contributed}),
-        "dropouts": [
-            {"node_id": str(p.node_id), "phase": p.phase.value, "stage": p.stage} for p in dropped
-        ],
-    }
-    return {k: _json_safe(v) for k, v in view.items()}
 
 
 def _route_template(request: Request) -> str:
@@ -457,7 +373,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(_FormError)
     async def form_error(request: Request, exc: _FormError) -> JSONResponse:
-        errors = _form_errors(exc.problems)
+        errors = form_errors(exc.problems)
         return _problem(422, f"invalid job ({len(errors)} problem(s))", errors=errors)
 
     @app.post(
@@ -468,7 +384,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     )
     async def resolve(request: Request, caller: Caller) -> dict[str, Any]:
         spec = _spec(await _json_object(request))
-        return _resolved(spec)
+        return resolved(spec)
 
     @app.post(
         f"{API}/jobs",
@@ -486,11 +402,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             target=row.job_id,
             details={
                 "artifact_name": row.artifact_name,
-                "training_config_hash": _resolved(spec)["training_config_hash"],
+                "training_config_hash": resolved(spec)["training_config_hash"],
                 "privacy_level": spec.privacy_level.value,
             },
         )
-        return _job_json(row)
+        return job_json(row)
 
     # ------------------------------------------------------------------ jobs
 
@@ -514,11 +430,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 .offset(offset)
                 .limit(limit)
             ).all()
-        return [_job_json(r) for r in rows]
+        return [job_json(r) for r in rows]
 
     @app.get(f"{API}/jobs/{{job_id}}", summary="A job: status, run id, exit code")
     def job(job_id: str, caller: Caller) -> dict[str, Any]:
-        return _job_json(_job(job_id))
+        return job_json(_job(job_id))
 
     @app.post(f"{API}/jobs/{{job_id}}/cancel", status_code=202, summary="Cancel a job")
     async def cancel(job_id: str, caller: Caller) -> dict[str, Any]:
@@ -530,7 +446,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         await asyncio.to_thread(
             audit.append, actor=caller.actor, action=Action.JOB_CANCELLED, target=job_id
         )
-        return _job_json(row)
+        return job_json(row)
 
     @app.get(
         f"{API}/jobs/{{job_id}}/events",
@@ -557,12 +473,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
         while True:
             events, offset = await asyncio.to_thread(read_events, path, offset=offset)
             for event in events:
-                data = json.dumps(_json_safe(event), allow_nan=False)
+                data = json.dumps(json_safe(event), allow_nan=False)
                 yield f"id: {offset}\nevent: progress\ndata: {data}\n\n".encode()
             row = await asyncio.to_thread(_job, job_id)
             if row.status != last_status or events:
                 last_status = row.status
-                data = json.dumps(_job_json(row), allow_nan=False)
+                data = json.dumps(job_json(row), allow_nan=False)
                 yield f"event: status\ndata: {data}\n\n".encode()
             if JobState(row.status).final and not events:
                 yield b"event: end\ndata: {}\n\n"
@@ -591,7 +507,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         page = ledger.list_runs(limit=limit, offset=offset, status=status)
         return {
             "total": ledger.count_runs(status=status),
-            "runs": [_json_safe(_run_row(r.to_json())) for r in page],
+            "runs": [json_safe(run_row(r.to_json())) for r in page],
         }
 
     @app.get(f"{API}/runs/{{run_id}}", summary="A run: verdict, privacy, refused nodes, job")
@@ -599,13 +515,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         summary = ledger.get_run(run_id)
         refused = ledger.refused_nodes(run_id)
         job_row = _job_of_run(run_id)
-        document = _run_row(summary.to_json())
+        document = run_row(summary.to_json())
         document["refused_nodes"] = [n.to_json() for n in refused]
         document["job_id"] = None if job_row is None else job_row.job_id
-        document["num_rounds"] = _num_rounds(summary.job)
-        document["epsilon_budget"] = _budget(summary.job)
+        document["num_rounds"] = num_rounds(summary.job)
+        document["epsilon_budget"] = epsilon_budget(summary.job)
         document["has_bundle"] = bool(summary.bundle_path and Path(summary.bundle_path).is_file())
-        return _json_safe(document)  # type: ignore[return-value]
+        return json_safe(document)  # type: ignore[return-value]
 
     @app.get(f"{API}/runs/{{run_id}}/rounds", summary="The run's rounds with their metrics")
     def rounds(
@@ -613,7 +529,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         caller: Caller,
         after: Annotated[int, Query(ge=0, description="Only rounds after this one")] = 0,
     ) -> list[dict[str, Any]]:
-        return [_round_view(r) for r in ledger.rounds(run_id, after=after)]
+        return [round_view(r) for r in ledger.rounds(run_id, after=after)]
 
     def _bundle(run_id: str) -> Path:
         summary = ledger.get_run(run_id)
@@ -644,7 +560,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 document = json.loads(archive.read(info))
         except (KeyError, zipfile.BadZipFile, ValueError):
             raise HTTPException(422, "the bundle holds no readable manifest") from None
-        return _json_safe(document)  # type: ignore[return-value]
+        return json_safe(document)  # type: ignore[return-value]
 
     @app.get(
         f"{API}/runs/{{run_id}}/bundle/verification",
@@ -663,7 +579,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             "verified": True,
             "artifact_name": result.artifact_name,
             "keyid": result.keyid,
-            "subjects": [_json_safe(getattr(s, "__dict__", str(s))) for s in result.subjects],
+            "subjects": [json_safe(getattr(s, "__dict__", str(s))) for s in result.subjects],
             "trusted_keys": str(worker.settings.trusted_keys.name),
         }
 
@@ -769,53 +685,3 @@ def _least(permission: Permission) -> str:
     from server.api.auth import PERMISSIONS
 
     return PERMISSIONS[permission].value
-
-
-def _resolved(spec: JobSpec) -> dict[str, Any]:
-    fields = spec.manifest_fields(created_at=datetime.now(UTC))
-    entry = spec.catalog_entry
-    model = modelsize.estimate(
-        entry.base_model,
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        embedding_dim=spec.embedding_dim,
-        input_size=spec.input_size,
-        max_seq_length=spec.max_seq_length,
-        batch_size=spec.batch_size,
-        per_example_gradients=spec.privacy_level.uses_dp and spec.dp.unit is DpUnit.EXAMPLE,
-    )
-    resolved: dict[str, object] = {
-        **fields,
-        "catalog_id": entry.id,
-        "federation": spec.federation.model_dump(mode="json"),
-        "dp": spec.dp.model_dump(mode="json") if spec.privacy_level.uses_dp else None,
-        "secagg": spec.secagg.model_dump(mode="json")
-        if spec.privacy_level.uses_secure_agg
-        else None,
-        "model_estimate": None
-        if model is None
-        else {
-            "family": model.family.value,
-            "parameters": model.parameters,
-            "training_bytes": model.training_bytes,
-        },
-    }
-    return _json_safe(resolved)  # type: ignore[return-value]
-
-
-def _run_row(document: dict[str, JSONValue]) -> dict[str, Any]:
-    """A run with clear names: ``epsilon_spent`` and ``rounds_recorded``, no job blob."""
-    job = document.pop("job", {})
-    document["epsilon_spent"] = document.pop("final_epsilon", None)
-    document["num_rounds"] = _num_rounds(job if isinstance(job, dict) else {})
-    return document
-
-
-def _num_rounds(job: Mapping[str, object]) -> int | None:
-    value = job.get("federation.num_rounds")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _budget(job: Mapping[str, object]) -> float | None:
-    value = job.get("dp.epsilon_budget")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
