@@ -1,12 +1,13 @@
 # fedbrain: `make demo` sets up .venv and runs the main job (`fedbrain simulate` on the embedded
-# default scenario); `make test` sets up .venv and runs
-# the test suite with the linters. Both need only python3.11 on the PATH.
+# default scenario); `make test` installs the system packages the tests use (chromium,
+# postgresql, prometheus), sets up .venv and runs the test suite with the linters. Both need
+# only python3.11 on the PATH (and root, or sudo, for apt-get).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/simulate
 
-.PHONY: demo test lint typecheck setup clean
+.PHONY: demo test lint typecheck setup system-packages clean
 
 $(BIN)/fedbrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,11 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: setup lint typecheck
+# chromium, postgresql and prometheus for the tests that use them for real (apt-get as root)
+system-packages:
+	bash .ci/system-packages
+
+test: system-packages setup lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 
 clean:

@@ -1,6 +1,8 @@
 """Signing commands: ``fedbrain keys generate``, ``bundle build``, ``verify``, ``demo``.
 
-Failures exit with status 1 and one line on stderr saying why (no traceback).
+Exit codes (:mod:`manifests.cli_errors`): 0 done; 1 the bundle does not verify; 2 invalid
+input (a job, provenance, key or trusted-keys file that is missing or invalid). Errors are one
+line on stderr (no traceback, no pydantic report).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from manifests.cli_errors import EXIT_FAILED, EXIT_INVALID, one_line
 from manifests.keys import KeyVerificationError, SigningKey, format_timestamp, parse_timestamp
 from manifests.verify import BundleVerificationError, VerifiedBundle
 
@@ -23,9 +26,9 @@ bundle_app = typer.Typer(help="Signed artifact bundles.", no_args_is_help=True)
 _FAILURES = (ValueError, OSError, KeyVerificationError, BundleVerificationError)
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = EXIT_INVALID) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(code)
 
 
 def _now() -> datetime:
@@ -53,7 +56,7 @@ def keys_generate(
             out, key, not_before=start, not_after=start + timedelta(days=valid_days)
         )
     except _FAILURES as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(one_line(exc)) from None
     typer.echo(f"key id       {key.keyid}")
     typer.echo(f"private key  {private}")
     typer.echo(f"public key   {public}")
@@ -83,7 +86,7 @@ def bundle_build(
             environ=os.environ,
         )
     except _FAILURES as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(one_line(exc)) from None
     typer.echo(f"bundle   {built.path}")
     typer.echo(f"manifest {built.manifest_path}")
     typer.echo(f"artifact {built.manifest.artifact_name} signed by {built.keyid}")
@@ -108,16 +111,17 @@ def verify(
     bundle: Annotated[Path, typer.Argument(help="The bundle (.zip) to verify.")],
     trusted_keys: Annotated[Path, typer.Option("--trusted-keys", help="Pinned trusted keys.")],
 ) -> None:
-    """Verify a bundle offline; exit 0 and print a summary, or exit 1 with the reason."""
+    """Verify a bundle offline; exit 0 and print a summary, 1 with the reason when it does not
+    verify, 2 when an input cannot be read."""
     from manifests.keys import TrustedKeys
     from manifests.verify import verify_bundle
 
     try:
         result = verify_bundle(bundle, TrustedKeys.load(trusted_keys), now=_now())
     except BundleVerificationError as exc:
-        raise _fail(f"verification failed: {exc}") from None
+        raise _fail(f"verification failed: {one_line(exc)}", EXIT_FAILED) from None
     except _FAILURES as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(one_line(exc)) from None
     Console(soft_wrap=True).print(_summary(result))
 
 
@@ -132,7 +136,7 @@ def demo(
     try:
         result = run_demo(out, now=_now())
     except _FAILURES as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(one_line(exc)) from None
     console = Console(soft_wrap=True)
     for artifact in result.artifacts:
         console.print(_summary(artifact.verified))

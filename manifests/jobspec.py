@@ -13,6 +13,14 @@ Front doors (all raise :class:`JobSpecError` listing *every* problem, one
 
 Decisions:
 
+- No silent coercion: whole-number fields take integers only (not ``true``, ``"3"`` or
+  ``3.0``), number fields take integers or floats (not ``true`` or ``"0.1"``), and ``quantize``
+  takes ``true``, ``false`` or ``"int8"`` only (not ``"yes"`` or ``1``). Flower run configs are
+  typed (bools, ints, floats, text), so :meth:`JobSpec.to_run_config` and
+  :meth:`JobSpec.from_run_config` round-trip; only the list fields travel as comma-separated
+  text.
+- A model too large for this machine is refused up front with its parameter and memory
+  estimate (:mod:`manifests.modelsize`), before anything is built.
 - ``quantize`` means post-training int8 quantization. ``quantize = "int8"`` is
   ``quantize = true`` + ``precision = "int8"``; ``quantize = true`` without a precision
   implies ``precision = "int8"``; ``quantize = true`` with ``fp32``/``fp16`` is an error (the
@@ -35,12 +43,15 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Never, Self, TypeAlias, cast
+from typing import Final, Never, Self, TypeAlias, cast
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -50,7 +61,7 @@ from pydantic_core import ErrorDetails
 
 from aggregation.privacy import DpUnit as DpUnit
 from aggregation.privacy import PrivacyLevel as PrivacyLevel
-from manifests import catalog
+from manifests import catalog, modelsize
 from manifests.catalog import CatalogEntry, Component, NodeType, NotTrainableError, Task
 from manifests.confighash import JsonValue, training_config_hash
 from manifests.naming import ArtifactName, Quantization, generated_name, name_problems
@@ -145,13 +156,13 @@ class FederationSettings(BaseModel):
 
     model_config = _FROZEN
 
-    num_rounds: int = Field(3, ge=1)
-    clients_per_round: int | None = Field(None, ge=1)
-    fraction: float | None = Field(None, gt=0, le=1)
+    num_rounds: StrictInt = Field(3, ge=1)
+    clients_per_round: StrictInt | None = Field(None, ge=1)
+    fraction: StrictFloat | None = Field(None, gt=0, le=1)
     sampling: Sampling = Sampling.UNIFORM
-    reliability_threshold: float = Field(0.5, ge=0, le=1)
+    reliability_threshold: StrictFloat = Field(0.5, ge=0, le=1)
     server_optimizer: ServerOptimizer = ServerOptimizer.FEDAVG
-    server_learning_rate: float = Field(1.0, gt=0)
+    server_learning_rate: StrictFloat = Field(1.0, gt=0)
     robust_aggregation: RobustAggregation = RobustAggregation.MEAN
 
 
@@ -168,13 +179,13 @@ class DpSettings(BaseModel):
     model_config = _FROZEN
 
     unit: DpUnit = DpUnit.NODE
-    clipping_norm: float | None = Field(None, gt=0)
-    noise_multiplier: float | None = Field(None, gt=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    delta: float | None = Field(None, gt=0, lt=1)
-    epsilon_budget: float | None = Field(None, gt=0)
-    metrics_noise_multiplier: float = Field(5.0, gt=0)
-    planned_dropout: float = Field(0.2, ge=0, le=0.5)
+    clipping_norm: StrictFloat | None = Field(None, gt=0)
+    noise_multiplier: StrictFloat | None = Field(None, gt=0)
+    target_epsilon: StrictFloat | None = Field(None, gt=0)
+    delta: StrictFloat | None = Field(None, gt=0, lt=1)
+    epsilon_budget: StrictFloat | None = Field(None, gt=0)
+    metrics_noise_multiplier: StrictFloat = Field(5.0, gt=0)
+    planned_dropout: StrictFloat = Field(0.2, ge=0, le=0.5)
 
 
 class SecAggSettings(BaseModel):
@@ -182,10 +193,10 @@ class SecAggSettings(BaseModel):
 
     model_config = _FROZEN
 
-    num_neighbours: int | None = Field(None, ge=1)
-    reconstruction_threshold: int | None = Field(None, ge=2)
-    quantization_bits: int = Field(32, ge=1, le=32)
-    quantization_range: float | None = Field(None, gt=0)
+    num_neighbours: StrictInt | None = Field(None, ge=1)
+    reconstruction_threshold: StrictInt | None = Field(None, ge=2)
+    quantization_bits: StrictInt = Field(32, ge=1, le=32)
+    quantization_range: StrictFloat | None = Field(None, gt=0)
 
 
 _LIST_FIELDS = ("augmentations", "train_data_tags")
@@ -204,21 +215,21 @@ class JobSpec(BaseModel):
     component: Component
     base_model: str
     task: Task
-    embedding_dim: int | None = Field(None, ge=1)
-    hidden_size: int | None = Field(None, ge=1)
-    num_layers: int | None = Field(None, ge=1)
-    num_heads: int | None = Field(None, ge=1)
-    max_seq_length: int | None = Field(None, ge=1)
-    sample_rate: int | None = Field(None, ge=1)
-    input_size: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    embedding_dim: StrictInt | None = Field(None, ge=1)
+    hidden_size: StrictInt | None = Field(None, ge=1)
+    num_layers: StrictInt | None = Field(None, ge=1)
+    num_heads: StrictInt | None = Field(None, ge=1)
+    max_seq_length: StrictInt | None = Field(None, ge=1)
+    sample_rate: StrictInt | None = Field(None, ge=1)
+    input_size: StrictInt | None = Field(None, ge=1)
+    batch_size: StrictInt = Field(32, ge=1)
+    learning_rate: StrictFloat = Field(1e-3, gt=0)
     optimizer: Optimizer = Optimizer.ADAMW
-    epochs: int = Field(1, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: StrictInt = Field(1, ge=1)
+    weight_decay: StrictFloat = Field(0.0, ge=0)
     precision: Precision = Precision.FP32
-    quantize: bool = False
-    checkpoint_interval: int = Field(1, ge=1)
+    quantize: StrictBool = False
+    checkpoint_interval: StrictInt = Field(1, ge=1)
     augmentations: tuple[str, ...] = ()
     preprocessing_profile: str | None = Field(None, min_length=1)
     train_data_tags: tuple[str, ...] = ()
@@ -226,7 +237,7 @@ class JobSpec(BaseModel):
     artifact_name: str | None = None
     artifact_naming: ArtifactNaming = ArtifactNaming.CATALOG
     node_type: NodeType | None = None
-    model_version: int = Field(1, ge=1)
+    model_version: StrictInt = Field(1, ge=1)
     license: str = Field("Apache-2.0", min_length=1, max_length=64)
     run_name: str | None = Field(None, min_length=1, max_length=64)
     federation: FederationSettings = Field(default_factory=FederationSettings)
@@ -544,7 +555,42 @@ def _cross_field_problems(spec: JobSpec, broken: frozenset[str]) -> tuple[list[s
             )
     problems.extend(_privacy_problems(spec, ok))
     problems.extend(_federation_problems(spec, ok))
+    if entry is not None and ok(*_SIZE_FIELDS, "privacy_level", "dp.unit"):
+        problem = _size_problem(spec, entry)
+        if problem is not None:
+            problems.append(problem)
     return problems, not_trainable
+
+
+_SIZE_FIELDS: Final = (
+    "hidden_size",
+    "num_layers",
+    "embedding_dim",
+    "input_size",
+    "max_seq_length",
+    "batch_size",
+)
+
+
+def _size_problem(spec: JobSpec, entry: CatalogEntry) -> str | None:
+    """A model too large for this machine, named by its largest size setting."""
+    model = modelsize.estimate(
+        entry.base_model,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        embedding_dim=spec.embedding_dim,
+        input_size=spec.input_size,
+        max_seq_length=spec.max_seq_length,
+        batch_size=spec.batch_size,
+        per_example_gradients=spec.privacy_level.uses_dp and spec.dp.unit is DpUnit.EXAMPLE,
+    )
+    if model is None:
+        return None
+    problem = modelsize.memory_problem(model, available=modelsize.machine_memory_bytes())
+    if problem is None:
+        return None
+    found = "none (the base model's full size)" if spec.hidden_size is None else spec.hidden_size
+    return f"hidden_size: {problem} Found {found}."
 
 
 def _privacy_problems(spec: JobSpec, ok: _Ok) -> list[str]:
@@ -726,11 +772,21 @@ def _loc_key(loc: tuple[int | str, ...]) -> str:
 
 
 def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as TOML and JSON spell it
     if isinstance(value, str):
         return repr(value)
     if isinstance(value, Mapping):
         return "a table"
     return json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _bound(value: object) -> str:
@@ -789,7 +845,14 @@ def _describe(err: ErrorDetails) -> str:
     }
     if kind == "value_error":
         return f"{loc}: {str(err['msg']).removeprefix('Value error, ')}"
-    return f"{loc}: {messages.get(kind, str(err['msg']) + '.')}{found}"
+    message = messages.get(kind, str(err["msg"]) + ".")
+    if kind in ("int_type", "float_type", "bool_type"):
+        given = err["input"]
+        if isinstance(given, str) and _numeric(given):
+            message = message.removesuffix(".") + ", not text (no quotes)."
+        elif isinstance(given, bool):
+            message = message.removesuffix(".") + ", not true/false."
+    return f"{loc}: {message}{found}"
 
 
 # --------------------------------------------------------------------- mapping helpers

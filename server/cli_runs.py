@@ -1,8 +1,13 @@
 """``fedbrain runs``: the run ledger for operators (tables of runs and of a run's rounds).
 
 The ledger is read from ``--db URL`` (any SQLAlchemy URL; also ``$FEDBRAIN_LEDGER_URL``) or
-from ``--run-dir DIR`` (``DIR/ledger.sqlite``). Nothing is ever created or written. Errors
-(no ledger, unknown run) exit with code 2 and a message on stderr, no traceback.
+from ``--run-dir DIR`` (``DIR/ledger.sqlite``). Nothing is created. Errors (no ledger, a file
+that is not a ledger, unknown run) exit with code 2 (invalid input, :mod:`manifests.cli_errors`)
+and one line on stderr, no traceback.
+
+Column names say what they are: ``eval loss`` and ``eval accuracy`` are the federated
+evaluation's, ``train loss`` the clients' training loss, ``epsilon spent`` the privacy spent
+so far (at the run's delta).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from server.ledger import JSONValue, Ledger, LedgerError, RoundRecord
+from server.ledger import JSONValue, Ledger, LedgerError, Phase, RoundRecord
 
 __all__ = ["register", "runs_app"]
 
@@ -103,10 +108,9 @@ def list_command(
         _echo_json([run.to_json() for run in runs])
         return
     table = Table(title=f"fedbrain runs ({len(runs)})")
-    for column in ("run", "artifact", "privacy", "status", "rounds", "epsilon", "reliability"):
-        table.add_column(
-            column, justify="right" if column in ("rounds", "epsilon", "reliability") else "left"
-        )
+    right = ("rounds recorded", "epsilon spent", "reliability")
+    for column in ("run", "artifact", "privacy (DP unit)", "status", *right):
+        table.add_column(column, justify="right" if column in right else "left")
     table.add_column("finished")
     for run in runs:
         table.add_row(
@@ -122,13 +126,12 @@ def list_command(
     Console(width=200).print(table)
 
 
-def _first(record: RoundRecord, names: tuple[str, ...]) -> float | None:
-    """The first of ``names`` the round recorded (the federator writes the wire names)."""
-    for name in names:
-        value = record.metric(name)
-        if value is not None:
-            return value
-    return None
+def _phase_metric(record: RoundRecord, phase: Phase, name: str) -> float | None:
+    """``name`` as recorded for ``phase`` (never a value of another phase)."""
+    value = record.metrics.get(phase.value, {}).get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def _round_row(record: RoundRecord) -> list[str]:
@@ -137,8 +140,9 @@ def _round_row(record: RoundRecord) -> list[str]:
         str(record.round),
         record.status.value,
         f"{record.sampled}/{record.responded}/{record.dropped}",
-        _num(_first(record, ("eval_loss", "train_loss", "loss")), ".4g"),
-        _num(_first(record, ("eval_accuracy", "accuracy")), ".3f"),
+        _num(_phase_metric(record, Phase.EVAL, "eval_loss"), ".4g"),
+        _num(_phase_metric(record, Phase.EVAL, "eval_accuracy"), ".3f"),
+        _num(_phase_metric(record, Phase.TRAIN, "train_loss"), ".4g"),
         _num(record.epsilon),
         _num(record.reliability, ".2f"),
         escape(reasons) or "-",
@@ -157,18 +161,25 @@ def show_command(
     try:
         run = ledger.get_run(run_id)
         rounds = ledger.rounds(run_id)
+        refused = ledger.refused_nodes(run_id)
     except LedgerError as exc:  # RunNotFoundError included
         raise _fail(str(exc)) from None
     finally:
         ledger.close()
     if as_json:
-        _echo_json({"run": run.to_json(), "rounds": [r.to_json() for r in rounds]})
+        _echo_json(
+            {
+                "run": run.to_json(),
+                "rounds": [r.to_json() for r in rounds],
+                "refused_nodes": [n.to_json() for n in refused],
+            }
+        )
         return
     console = Console(width=200)
     console.print(
         f"[bold]{escape(run.run_id)}[/bold]  {escape(run.artifact_name)}"
         f"  privacy={escape(run.privacy_level)}"
-        f"  status={run.status.value}  epsilon={_num(run.final_epsilon)}"
+        f"  status={run.status.value}  epsilon spent={_num(run.final_epsilon)}"
         f"  delta={_num(run.delta)}  reliability={_num(run.reliability, '.2f')}",
         highlight=False,
     )
@@ -176,11 +187,22 @@ def show_command(
         console.print(f"  verdict: {reason}", highlight=False, markup=False)
     if run.error:
         console.print(f"  error: {run.error}", highlight=False, markup=False)
+    for node in refused:
+        console.print(
+            f"  refused node {node.node_id}: {node.reason}", highlight=False, markup=False
+        )
     table = Table(title=f"rounds of {escape(run.run_id)}")
-    for column in ("round", "status", "sampled/responded/dropped", "loss", "accuracy"):
+    for column in (
+        "round",
+        "status",
+        "nodes sampled/responded/dropped",
+        "eval loss",
+        "eval accuracy",
+        "train loss",
+        "epsilon spent",
+        "reliability",
+    ):
         table.add_column(column, justify="left" if column == "status" else "right")
-    for column in ("epsilon", "reliability"):
-        table.add_column(column, justify="right")
     table.add_column("reasons")
     for record in rounds:
         table.add_row(*_round_row(record))

@@ -14,9 +14,12 @@ keeps to portable types:
 - Flower node ids are random unsigned 64-bit integers, past ``BIGINT``'s range: stored as
   decimal strings, returned as ``int``.
 
-Tables: ``runs`` (one row per run), ``rounds`` (one per recorded round, unique per run and
-round number), ``participants`` (one per node and phase of a round). Each public method runs in
-its own session and transaction: a write either lands whole or not at all.
+Tables: ``runs`` (one row per run; ``flower_run_id`` links it to Flower's own run id when
+known), ``rounds`` (one per recorded round, unique per run and round number), ``participants``
+(one per node and phase of a round), ``refused_nodes`` (the nodes a run did not admit, with the
+reason). Each public method runs in its own session and transaction: a write either lands whole
+or not at all. Schema changes are additive; opening an older ledger adds the missing columns
+(and :meth:`LedgerBase.metadata.create_all` the missing tables when ``create``).
 
 Order of writes in a round (with :mod:`server.checkpoint`): compose the accountant, write
 ``accountant.json``, :meth:`Ledger.record_round`, then the checkpoint when one is due. On
@@ -50,7 +53,9 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
@@ -75,6 +80,7 @@ __all__ = [
     "Participant",
     "ParticipantOutcome",
     "Phase",
+    "RefusedNode",
     "RoundRecord",
     "RoundStatus",
     "RunFinishedError",
@@ -270,7 +276,7 @@ class RunRow(LedgerBase):
     privacy_level: Mapped[str] = mapped_column(String(32))
     dp_unit: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), index=True)
-    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     verdict_reasons: Mapped[Any] = mapped_column(PortableJSON)
     final_epsilon: Mapped[float | None] = mapped_column(PortableFloat)
@@ -279,6 +285,7 @@ class RunRow(LedgerBase):
     bundle_path: Mapped[str | None] = mapped_column(Text)
     bundle_sha256: Mapped[str | None] = mapped_column(String(71))
     error: Mapped[str | None] = mapped_column(Text)
+    flower_run_id: Mapped[str | None] = mapped_column(String(20))
 
     rounds: Mapped[list[RoundRow]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True
@@ -336,6 +343,20 @@ class ParticipantRow(LedgerBase):
     reason: Mapped[str | None] = mapped_column(Text)
 
     round_row: Mapped[RoundRow] = relationship(back_populates="participants")
+
+
+class RefusedNodeRow(LedgerBase):
+    __tablename__ = "refused_nodes"
+    __table_args__ = (ForeignKeyConstraint(["run_id"], ["runs.run_id"], ondelete="CASCADE"),)
+
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+_ADDED_COLUMNS: Final = (("runs", "flower_run_id", "VARCHAR(20)"),)
+"""Columns added after a table was first released: (table, column, SQL type)."""
 
 
 # --------------------------------------------------------------------------- records
@@ -534,6 +555,22 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class RefusedNode:
+    """A node that a run did not admit (not eligible, wrong node type or model, no answer)."""
+
+    node_id: int
+    reason: str
+    recorded_at: datetime | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {
+            "node_id": str(self.node_id),
+            "reason": self.reason,
+            "recorded_at": None if self.recorded_at is None else self.recorded_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
 class RunSummary:
     """A run as recorded, plus how many rounds it has and the last one."""
 
@@ -555,6 +592,7 @@ class RunSummary:
     error: str | None
     rounds_recorded: int
     last_round: int
+    flower_run_id: int | None = None
 
     def to_json(self) -> dict[str, JSONValue]:
         return {
@@ -576,6 +614,7 @@ class RunSummary:
             "error": self.error,
             "rounds_recorded": self.rounds_recorded,
             "last_round": self.last_round,
+            "flower_run_id": None if self.flower_run_id is None else str(self.flower_run_id),
         }
 
 
@@ -599,6 +638,7 @@ def _summary(row: RunRow, count: int, last: int) -> RunSummary:
         error=row.error,
         rounds_recorded=count,
         last_round=last,
+        flower_run_id=None if row.flower_run_id is None else int(row.flower_run_id),
     )
 
 
@@ -696,6 +736,9 @@ class Ledger:
         if _is_memory_sqlite(parsed):
             # one shared connection, or every connection would see a new, empty database
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        elif parsed.get_backend_name() != "sqlite":
+            # many concurrent readers (the operator API's request threads) and one writer
+            kwargs.update(pool_size=20, max_overflow=5, pool_pre_ping=True)
         self._url = parsed
         self._clock = clock
         try:
@@ -713,6 +756,26 @@ class Ledger:
                 LedgerBase.metadata.create_all(self._engine)
             except SQLAlchemyError as exc:
                 raise LedgerError(f"Cannot create the ledger tables at {self.url}: {exc}") from exc
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Upgrade a ledger written by an older fedbrain: add the columns it lacks."""
+        try:
+            tables = set(inspect(self._engine).get_table_names())
+            for table, column, sql_type in _ADDED_COLUMNS:
+                if table not in tables:
+                    continue
+                present = {c["name"] for c in inspect(self._engine).get_columns(table)}
+                if column not in present:
+                    with self._engine.begin() as connection:
+                        connection.execute(
+                            text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+                        )
+        except SQLAlchemyError as exc:
+            raise LedgerError(
+                f"Cannot read the ledger at {self.url}: {_first_line(exc)}. Is it a fedbrain "
+                "ledger database?"
+            ) from exc
 
     @classmethod
     def for_run_dir(cls, run_dir: Path, *, clock: Clock = utc_now, create: bool = True) -> Self:
@@ -743,7 +806,7 @@ class Ledger:
         except LedgerError:
             raise
         except SQLAlchemyError as exc:
-            raise LedgerError(f"Ledger at {self.url} failed: {exc}") from exc
+            raise LedgerError(f"Ledger at {self.url} failed: {_first_line(exc)}") from exc
 
     def _now(self) -> datetime:
         now = self._clock()
@@ -967,6 +1030,99 @@ class Ledger:
             run.error = error
         return self.get_run(run_id)
 
+    def link_flower_run(self, run_id: str, flower_run_id: int) -> None:
+        """Record Flower's own run id (``flwr ls``) for this run."""
+        if (
+            isinstance(flower_run_id, bool)
+            or not isinstance(flower_run_id, int)
+            or not 0 <= flower_run_id <= MAX_NODE_ID
+        ):
+            raise ValueError(
+                f"`flower_run_id` must be an int in [0, 2**64 - 1]. Found {flower_run_id!r}."
+            )
+        with self._transaction() as session:
+            self._run(session, run_id).flower_run_id = str(flower_run_id)
+
+    def record_refused_nodes(self, run_id: str, refused: Mapping[int, str]) -> int:
+        """Record the nodes the run did not admit and why; a node already recorded for the
+        run keeps its first reason. Returns how many were added."""
+        problems: list[str | None] = []
+        for node, reason in refused.items():
+            if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node <= MAX_NODE_ID:
+                problems.append(f"node ids must be ints in [0, 2**64 - 1]. Found {node!r}.")
+            if not isinstance(reason, str) or not reason:
+                problems.append(f"the reason for node {node} must be a non-empty string.")
+        _raise_problems(problems)
+        now = self._now()
+        with self._transaction() as session:
+            self._run(session, run_id)
+            known = set(
+                session.scalars(
+                    select(RefusedNodeRow.node_id).where(RefusedNodeRow.run_id == run_id)
+                )
+            )
+            rows = [
+                RefusedNodeRow(run_id=run_id, node_id=str(n), reason=r, recorded_at=now)
+                for n, r in sorted(refused.items())
+                if str(n) not in known
+            ]
+            session.add_all(rows)
+            return len(rows)
+
+    def refused_nodes(self, run_id: str) -> list[RefusedNode]:
+        """The nodes the run did not admit, by node id."""
+        with self._transaction() as session:
+            self._run(session, run_id)
+            rows = session.scalars(
+                select(RefusedNodeRow).where(RefusedNodeRow.run_id == run_id)
+            ).all()
+            return sorted(
+                (RefusedNode(int(r.node_id), r.reason, r.recorded_at) for r in rows),
+                key=lambda node: node.node_id,
+            )
+
+    def sync_run_from(self, source: Ledger, run_id: str) -> int:
+        """Copy what ``source`` knows of ``run_id`` that this ledger lacks: the run, its new
+        rounds, refused nodes, the Flower run id, and its end once it finished. Returns the
+        rounds copied. Used to gather runs recorded in per-run ledgers into one ledger."""
+        run = source.get_run(run_id)
+        try:
+            mine = self.get_run(run_id)
+        except RunNotFoundError:
+            mine = self.start_run(
+                run_id=run.run_id,
+                artifact_name=run.artifact_name,
+                job=run.job,
+                privacy_level=run.privacy_level,
+                run_name=run.run_name,
+                dp_unit=run.dp_unit,
+                started_at=run.started_at,
+            )
+        copied = 0
+        if mine.status is RunStatus.RUNNING:
+            for record in source.rounds(run_id, after=mine.last_round):
+                self.record_round(run_id, record)
+                copied += 1
+        refused = source.refused_nodes(run_id)
+        if refused:
+            self.record_refused_nodes(run_id, {n.node_id: n.reason for n in refused})
+        if run.flower_run_id is not None and mine.flower_run_id is None:
+            self.link_flower_run(run_id, run.flower_run_id)
+        if run.status is not RunStatus.RUNNING and mine.status is RunStatus.RUNNING:
+            self.finish_run(
+                run_id,
+                run.status,
+                verdict_reasons=run.verdict_reasons,
+                final_epsilon=run.final_epsilon,
+                delta=run.delta,
+                reliability=run.reliability,
+                bundle_path=run.bundle_path,
+                bundle_sha256=run.bundle_sha256,
+                error=run.error,
+                finished_at=run.finished_at,
+            )
+        return copied
+
     # ------------------------------------------------------------------- reads
 
     def last_round(self, run_id: str) -> int:
@@ -985,8 +1141,16 @@ class Ledger:
             ).one()
             return _summary(row, int(count), int(last or 0))
 
-    def list_runs(self) -> list[RunSummary]:
-        """Every run, newest first."""
+    def list_runs(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+        status: RunStatus | str | None = None,
+        artifact_name: str | None = None,
+    ) -> list[RunSummary]:
+        """Every run, newest first (a page of them with ``limit``/``offset``; only those of
+        ``status`` / ``artifact_name`` when given)."""
         counts = (
             select(
                 RoundRow.run_id,
@@ -1001,23 +1165,44 @@ class Ledger:
             .outerjoin(counts, counts.c.run_id == RunRow.run_id)
             .order_by(RunRow.started_at.desc(), RunRow.run_id)
         )
+        if status is not None:
+            query = query.where(RunRow.status == RunStatus(status).value)
+        if artifact_name is not None:
+            query = query.where(RunRow.artifact_name == artifact_name)
+        if offset:
+            query = query.offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
         with self._transaction() as session:
             return [
                 _summary(row, int(n or 0), int(last or 0))
                 for row, n, last in session.execute(query).all()
             ]
 
-    def rounds(self, run_id: str) -> list[RoundRecord]:
-        """The run's rounds, in round order, with their participants."""
+    def count_runs(self, *, status: RunStatus | str | None = None) -> int:
+        """How many runs the ledger holds (of ``status`` when given)."""
+        query = select(func.count()).select_from(RunRow)
+        if status is not None:
+            query = query.where(RunRow.status == RunStatus(status).value)
+        with self._transaction() as session:
+            return int(session.scalar(query) or 0)
+
+    def rounds(self, run_id: str, *, after: int = 0) -> list[RoundRecord]:
+        """The run's rounds, in round order, with their participants (only the rounds after
+        ``after`` when given: a reader that follows a live run asks for the new ones)."""
         with self._transaction() as session:
             self._run(session, run_id)
             rows = session.scalars(
                 select(RoundRow)
-                .where(RoundRow.run_id == run_id)
+                .where((RoundRow.run_id == run_id) & (RoundRow.round > after))
                 .order_by(RoundRow.round)
                 .options(selectinload(RoundRow.participants))
             ).all()
             return [_round_record(row) for row in rows]
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:

@@ -92,6 +92,21 @@ def simulate(
         bool, typer.Option(help="Validate the scenario and show the plan; run nothing.")
     ] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Ledger database URL every job of the run writes to (SQLAlchemy URL). "
+            "Default: a ledger in the output folder."
+        ),
+    ] = None,
+    events: Annotated[
+        Path | None,
+        typer.Option(
+            help="Append every progress event to this file as one JSON line (flushed), for "
+            "other processes to follow the run.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a simulation: demo data on sensing/encoder/inference nodes, one Flower run per job,
     per-round progress, signed and verified bundles. Exit 0 = all passed; 1 = a job failed or
@@ -116,19 +131,27 @@ def simulate(
         console.print("scenario is valid (--check: nothing was run)")
         return
 
+    from simulations.events import EventWriter, tee
     from simulations.report import ProgressDisplay, print_summary
     from simulations.runner import run_scenario
 
+    # database_url: passed through only when given; run_scenario honours it (the round
+    # pipeline's own change), until then a run given one fails with a TypeError.
+    ledger: dict[str, str] = {} if database_url is None else {"database_url": database_url}
     try:
+        writer = None if events is None else EventWriter(events)
         with ProgressDisplay(console, loaded) as display:
             result = run_scenario(
                 loaded,
                 resume=resume,
                 verbose=verbose,
-                progress=display,
+                progress=display if writer is None else tee(writer, display),
                 on_job_start=display.job_started,
                 on_job_end=display.job_finished,
+                **ledger,
             )
+        if writer is not None:
+            writer.close()
     except (OSError, ValueError) as exc:
         console.print(f"[red]error[/]: {escape(str(exc))}")
         raise typer.Exit(ExitCode.FAILED) from None

@@ -71,7 +71,7 @@ def test_keys_generate_writes_a_private_key_only_the_owner_can_read(tmp_path: Pa
     trusted = json.loads((tmp_path / "trusted_keys.json").read_text())
     assert trusted[0]["keyid"] in result.output
     again = runner.invoke(app, ["keys", "generate", "--out", str(tmp_path)])
-    assert again.exit_code == 1
+    assert again.exit_code == 2  # usage: the rule in manifests.cli_errors
     assert "--force" in again.stderr
 
 
@@ -104,7 +104,7 @@ def test_bundle_build_rejects_pickled_weights_with_a_message(
             "--key", str(keys / "signing_key.pem"), "--out", str(tmp_path / "b.zip"),
         ],
     )  # fmt: skip
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # invalid input, not a failed check
     assert "only safetensors is accepted" in result.stderr
     assert not (tmp_path / "b.zip").exists()
 
@@ -145,8 +145,38 @@ def test_verify_with_an_unknown_key_file_fails_cleanly(
     result = runner.invoke(
         app, ["verify", str(built[0]), "--trusted-keys", str(tmp_path / "no.json")]
     )
-    assert result.exit_code == 1
-    assert "No such file" in result.stderr
+    assert result.exit_code == 2
+    assert (
+        result.stderr == f"error: cannot read {tmp_path / 'no.json'}: No such file or directory\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"rounds": "x"}', "rounds: input should be a valid integer"),
+        ('{"rounds": 1', "invalid JSON"),
+    ],
+)
+def test_bundle_build_with_a_bad_provenance_file_is_one_line_exit_two(
+    tmp_path: Path, built: tuple[Path, Path], content: str, expected: str
+) -> None:
+    keys = built[1].parent
+    (tmp_path / "job.toml").write_text(VISION_JOB)
+    (tmp_path / "provenance.json").write_text(content)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    result = runner.invoke(
+        app,
+        [
+            "bundle", "build", "--job", str(tmp_path / "job.toml"),
+            "--weights", str(tmp_path / "w.safetensors"),
+            "--provenance", str(tmp_path / "provenance.json"),
+            "--key", str(keys / "signing_key.pem"), "--out", str(tmp_path / "b.zip"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr and "pydantic" not in result.stderr
 
 
 def test_demo_builds_and_verifies_both_specification_examples(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from manifests.jobspec import (
     Precision,
     PrivacyLevel,
     load_job,
+    read_job_file,
 )
 
 CREATED = datetime(2025, 12, 21, 12, 0, 0, tzinfo=UTC)
@@ -587,4 +588,55 @@ def test_run_config_round_trips(extra: dict[str, object], level: str) -> None:
         data["dp"] = DP["dp"]
     data["privacy_level"] = level
     spec = JobSpec.from_mapping(data)
+    assert JobSpec.from_run_config(spec.to_run_config()) == spec
+
+
+# ------------------------------------------------------------------- no silent coercion
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("embedding_dim", True, "must be a whole number, not true/false. Found true."),
+        ("epochs", "3", "must be a whole number, not text (no quotes). Found '3'."),
+        ("epochs", 3.0, "must be a whole number. Found 3.0."),
+        ("quantize", "yes", "must be true, false or int8. Found 'yes'."),
+        ("quantize", 1, "must be true, false or int8. Found 1."),
+        ("learning_rate", "0.1", "must be a number, not text (no quotes). Found '0.1'."),
+        ("learning_rate", True, "must be a number, not true/false. Found true."),
+        ("federation.num_rounds", "2", "must be a whole number, not text (no quotes). Found '2'."),
+        ("dp.clipping_norm", "1.0", "must be a number, not text (no quotes). Found '1.0'."),
+    ],
+)
+def test_values_of_the_wrong_type_are_errors_not_coerced(
+    field: str, value: object, expected: str
+) -> None:
+    assert f"{field}: {expected}" in _problems({**VISION, **DP, field: value})
+
+
+def test_wrong_types_are_errors_in_toml_json_and_run_config(tmp_path: Path) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text(
+        'component = "vision"\nbase_model = "vit-base16"\ntask = "embed"\n'
+        'embedding_dim = true\nepochs = "3"\nquantize = "yes"\n',
+        "utf-8",
+    )
+    as_json = tmp_path / "job.json"
+    as_json.write_text(json.dumps(read_job_file(toml)), "utf-8")
+    for path in (toml, as_json):
+        with pytest.raises(JobSpecError) as info:
+            load_job(path)
+        assert {p.split(":")[0] for p in info.value.problems} == {
+            "embedding_dim",
+            "epochs",
+            "quantize",
+        }
+    run_config = {**JobSpec.from_mapping(VISION).to_run_config(), "epochs": "3"}
+    with pytest.raises(JobSpecError, match="epochs: must be a whole number"):
+        JobSpec.from_run_config(run_config)
+
+
+def test_whole_numbers_are_accepted_where_a_float_is_expected() -> None:
+    spec = JobSpec.from_mapping({**VISION, "learning_rate": 1, "weight_decay": 0})
+    assert spec.learning_rate == 1.0 and isinstance(spec.learning_rate, float)
     assert JobSpec.from_run_config(spec.to_run_config()) == spec

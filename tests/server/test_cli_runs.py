@@ -132,3 +132,23 @@ def test_runs_list_needs_exactly_one_ledger_source(run_dir: Path) -> None:
     both = runner.invoke(app, ["runs", "list", "--run-dir", str(run_dir), "--db", "sqlite://"])
     assert both.exit_code == 2
     assert "not both" in both.stderr
+
+
+def test_runs_show_names_its_columns_and_lists_refused_nodes(run_dir: Path) -> None:
+    with Ledger.for_run_dir(run_dir) as ledger:
+        ledger.record_refused_nodes("run-a", {9: "not eligible: no local data"})
+    result = runner.invoke(app, ["runs", "show", "run-a", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    for column in ("eval loss", "eval accuracy", "train loss", "epsilon spent"):
+        assert column in result.stdout
+    assert "refused node 9: not eligible: no local data" in result.stdout
+    shown = runner.invoke(app, ["runs", "show", "run-a", "--run-dir", str(run_dir), "--json"])
+    assert json.loads(shown.stdout)["refused_nodes"][0]["reason"] == "not eligible: no local data"
+
+
+def test_a_file_that_is_not_a_ledger_is_one_line_exit_two(tmp_path: Path) -> None:
+    (tmp_path / "ledger.sqlite").write_bytes(b"garbage" * 100)
+    result = runner.invoke(app, ["runs", "list", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Is it a fedbrain ledger database?" in result.stderr and "[SQL" not in result.stderr

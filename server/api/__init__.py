@@ -1,0 +1,1 @@
+"""The operator API: REST (FastAPI), API keys and roles, audit log, metrics, job worker."""
