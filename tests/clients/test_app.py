@@ -1,6 +1,8 @@
-"""The real ClientApp, called as Flower calls it (``app(message, context)``): eligibility,
-clipped updates, DP-SGD epsilon across rounds, a full SecAgg+ round driven by the server
-session, a sensing round, injected faults and malformed messages as error replies."""
+"""The real ClientApp, called as Flower calls it (``app(message, context)``): eligibility
+without example counts, clear-text fit and evaluation with only the allowed metrics, refusal
+of clear text under secure aggregation, secure collections driven by the SecAgg+ server session
+and decoded from the ring, distributed DP noise, DP-SGD calibrated on the node, session order,
+secret sampling, and injected faults and malformed messages as error replies."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +24,7 @@ from flwr.app import (
     ConfigRecord,
     ConfigRecordValues,
     Context,
+    Error,
     Message,
     Metadata,
     RecordDict,
@@ -32,29 +36,46 @@ from flwr.common.serde import (
     message_from_proto,
     message_to_proto,
 )
-from numpy.typing import NDArray
 
+from aggregation.accountant import SubsampledGaussianEvent, compute_epsilon
+from aggregation.codec import Metric, RingLayout, Summed, sum_contributions
 from aggregation.secagg import (
     SecAggMessage,
     SecAggParams,
     ServerSession,
     Stage,
-    dequantize_sum,
     message_from_record,
 )
 from clients import protocol
-from clients.app import STATE_DP, STATE_SECAGG, make_client_app
-from clients.data import load_images
+from clients.app import STATE_DP, STATE_SECAGG, STATE_SECAGG_ROUND, make_client_app
+from clients.config import NodeConfig
+from clients.datasets import model_data, moment_rows, sensing_values
 from clients.demo_data import write_demo_dataset
+from clients.jobs import (
+    analytics_row_bound,
+    dp_sgd_noise_multiplier,
+    dp_sgd_steps,
+    loss_bound,
+    metrics_for,
+    min_survivors,
+    model_spec_for_job,
+    release_events,
+    ring_layout,
+    update_length_for,
+)
 from clients.models import build_model, get_weights, weight_names
-from clients.node import NodeConfig, model_spec_for_job, normalizer_from_sum
-from clients.protocol import RoundConfig, summable_vector
+from clients.node import Node, NodeState, public_unigram_log_probs
+from clients.protocol import RoundConfig, Work
+from clients.sensing import IOT_RANGES, FeatureRanges, normalizer_from_centred_sum
 from manifests.catalog import NodeType
 from manifests.jobspec import JobSpec
 
 RUN_ID = 4
 _IDS = itertools.count()
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "batch_size": 8}
+BIG_IDS = (2**64 - 3, 12, 2**63 + 7)  # Flower node ids are unsigned 64-bit
+
+App = Callable[[Message, Context], Message]
 
 
 def vit_job(**extra: object) -> JobSpec:
@@ -71,10 +92,23 @@ def vit_job(**extra: object) -> JobSpec:
     )
 
 
-DP_JOB = {
+def iot_job(**extra: object) -> JobSpec:
+    return JobSpec.from_mapping(
+        {"component": "sensing", "base_model": "iot", "task": "normalizer", **extra}
+    )
+
+
+EXAMPLE_DP = {  # batches of 2: Poisson rate 0.2 keeps the node's calibration fast
+    "batch_size": 2,
     "privacy_level": "dp",
-    "dp": {"unit": "example", "clipping_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5},
+    "dp": {"unit": "example", "clipping_norm": 1.0, "target_epsilon": 4.0, "delta": 1e-5},
+    "federation": {"num_rounds": 2},
 }
+NODE_Z, NODE_C = 1.0, 0.05
+NODE_DP = {"unit": "node", "clipping_norm": NODE_C, "noise_multiplier": NODE_Z, "delta": 1e-5}
+
+
+# ------------------------------------------------------------------------ messages
 
 
 def message(message_type: str, content: RecordDict, node_id: int) -> Message:
@@ -94,9 +128,7 @@ def message(message_type: str, content: RecordDict, node_id: int) -> Message:
     return make_message(metadata, content)
 
 
-def over_the_wire(
-    app: Callable[[Message, Context], Message], msg: Message, ctx: Context
-) -> tuple[Message, Context]:
+def over_the_wire(app: App, msg: Message, ctx: Context) -> tuple[Message, Context]:
     """Call the app as a deployed SuperNode does: message, context and reply through protobuf."""
     ctx = context_from_proto(context_to_proto(ctx))
     reply = app(message_from_proto(message_to_proto(msg)), ctx)
@@ -113,11 +145,13 @@ def context(node_id: int, partition: int) -> Context:
     )
 
 
-def global_weights(job: JobSpec) -> ArrayRecord:
-    model = build_model(model_spec_for_job(job), seed=1)
-    return ArrayRecord(
-        {n: Array(a) for n, a in zip(weight_names(model), get_weights(model), strict=True)}
-    )
+def weights_record(job: JobSpec, seed: int = 1) -> ArrayRecord:
+    model = build_model(model_spec_for_job(job), seed=seed)
+    return protocol.weights_to_record(weight_names(model), get_weights(model))
+
+
+def named(record: ArrayRecord) -> list[tuple[str, np.ndarray]]:
+    return list(zip(record.keys(), protocol.record_to_weights(record), strict=True))
 
 
 def content(job: JobSpec, rnd: RoundConfig | None = None, **arrays: ArrayRecord) -> RecordDict:
@@ -140,53 +174,151 @@ def error_reason(reply: Message) -> str:
     return reply.error.reason or ""
 
 
-def update_vector(reply: Message) -> NDArray[np.float32]:
-    """The fit reply as the summable vector SecAgg+ would mask."""
+def plain_sums(reply: Message, job: JobSpec, work: Work, *, update_length: int = 0) -> Summed:
     assert not reply.has_error(), reply.error
-    update = reply.content.array_records[protocol.UPDATE]
-    metrics = reply.content.metric_records[protocol.METRICS]
-    return summable_vector(
-        protocol.record_to_weights(update),
-        was_clipped=bool(metrics["was_clipped"]),
-        preclip_norm=float(metrics["preclip_norm"]),  # type: ignore[arg-type]
+    return protocol.summed_from_content(
+        reply.content,
+        update_length=update_length,
+        metrics=metrics_for(job, work),
+        statistics_length=0,
     )
+
+
+def dp_steps(ctx: Context) -> list[SubsampledGaussianEvent]:
+    record = ctx.state.config_records[STATE_DP]
+    columns = [record[k] for k in ("noise_multiplier", "sample_rate", "steps")]
+    return [
+        SubsampledGaussianEvent(float(z), float(q), int(n))
+        for z, q, n in zip(*columns, strict=True)
+    ]
+
+
+def write_nodes(
+    tmp_path: Path, modality: str, node_type: NodeType, sizes: tuple[int, ...]
+) -> dict[int, NodeConfig]:
+    nodes = {}
+    for k, n in enumerate(sizes):
+        write_demo_dataset(modality, tmp_path / f"{modality}{k}" / modality, n, seed=k)
+        nodes[k] = NodeConfig(node_type, tmp_path / f"{modality}{k}", name=f"{modality}{k}")
+    return nodes
 
 
 @pytest.fixture
 def encoders(tmp_path: Path) -> dict[int, NodeConfig]:
-    nodes = {}
-    for k in range(3):
-        write_demo_dataset("vision", tmp_path / f"e{k}" / "vision", 20, seed=k)
-        nodes[k] = NodeConfig(NodeType.ENCODER, tmp_path / f"e{k}", name=f"e{k}")
-    return nodes
+    return write_nodes(tmp_path, "vision", NodeType.ENCODER, (20, 20, 20))
+
+
+# ----------------------------------------------------------------------- secure collection
+
+
+def secure_layout(job: JobSpec, work: Work, group_size: int) -> RingLayout:
+    return ring_layout(job, work, update_length=update_length_for(job), group_size=group_size)
+
+
+def secagg_params(vector_length: int, num_clients: int = 3) -> SecAggParams:
+    return SecAggParams(
+        num_clients=num_clients,
+        num_neighbours=num_clients - 1,
+        threshold=2,
+        vector_length=vector_length,
+        clipping_range=1.0,  # unused: nodes mask their own ring vectors
+    )
+
+
+def run_secure_collection(
+    app: App,
+    contexts: dict[int, Context],
+    job: JobSpec,
+    rnd: RoundConfig,
+    weights: ArrayRecord | None = None,
+    before_masked: Callable[[int, RecordDict], None] | None = None,
+) -> Summed:
+    """Drive one SecAgg+ session through the apps (server session -> messages -> replies) and
+    decode the unmasked sum as the server does."""
+    layout = secure_layout(job, rnd.work, len(contexts))
+    server = ServerSession(
+        secagg_params(layout.length, len(contexts)),
+        run_id=RUN_ID,
+        server_round=rnd.secagg_round,
+        node_ids=sorted(contexts),
+        rng=np.random.default_rng(0),
+    )
+    stages: list[tuple[Stage, Callable[[], Mapping[int, SecAggMessage]]]] = [
+        (Stage.ADVERTISE_KEYS, server.advertise_keys),
+        (Stage.SHARE_KEYS, server.share_keys),
+        (Stage.MASKED_INPUT, server.masked_input),
+        (Stage.UNMASK, server.unmask),
+    ]
+    for stage, open_stage in stages:
+        for node, request in open_stage().items():
+            extra = {protocol.WEIGHTS: weights} if stage is Stage.MASKED_INPUT and weights else {}
+            body = content(job, rnd, **extra)
+            protocol.secagg_to_content(request.to_record(), body)
+            if stage is Stage.MASKED_INPUT and before_masked is not None:
+                before_masked(node, body)
+            msg = message(protocol.secagg_message_type(rnd.work.category, stage), body, node)
+            reply, contexts[node] = over_the_wire(app, msg, contexts[node])
+            assert not reply.has_error(), reply.error
+            # Under secure aggregation nothing but the SecAgg+ records leaves a node.
+            assert set(reply.content) == {protocol.SECAGG, protocol.SECAGG_ARRAYS}
+            server.receive(message_from_record(protocol.secagg_from_content(reply.content)))
+    result = server.result()
+    assert sorted(result.contributors) == sorted(contexts)
+    return layout.decode(
+        result.total, rotation_seed=protocol.rotation_seed(RUN_ID, rnd.secagg_round)
+    )
+
+
+def own_sums(
+    nodes: Mapping[int, NodeConfig],
+    ids: Mapping[int, int],
+    job: JobSpec,
+    rnd: RoundConfig,
+    weights: ArrayRecord | None,
+) -> Summed:
+    """The sum of the nodes' own clear-text contributions (what the secure sum must equal)."""
+    arrays = named(weights) if weights is not None else None
+    parts = [
+        Node(nodes[p], node_id=n)
+        .contribution(job, rnd, arrays, NodeState())
+        .summed(metrics_for(job, rnd.work))
+        for n, p in ids.items()
+    ]
+    return sum_contributions(parts)
 
 
 # ------------------------------------------------------------------------- node_info
 
 
-def test_node_info_says_eligible_or_why_not(
+def test_node_info_says_eligible_or_why_not_and_never_reports_an_example_count(
     tmp_path: Path, encoders: dict[int, NodeConfig]
 ) -> None:
+    write_demo_dataset("vision", tmp_path / "big" / "vision", 60, seed=5)
     nodes = {
         0: encoders[0],
-        1: NodeConfig(NodeType.SENSING, encoders[0].data_dir),
-        2: NodeConfig(NodeType.ENCODER, tmp_path / "missing"),
+        1: NodeConfig(NodeType.ENCODER, tmp_path / "big"),
+        2: NodeConfig(NodeType.SENSING, encoders[0].data_dir),
+        3: NodeConfig(NodeType.ENCODER, tmp_path / "missing"),
     }
     app = make_client_app(nodes)
     job = vit_job()
-    infos = []
-    for partition in range(3):
+    records = []
+    for partition in range(4):
         reply = app(
             message(protocol.NODE_INFO, content(job), 10 + partition),
             context(10 + partition, partition),
         )
-        infos.append(
-            protocol.NodeInfo.from_record(reply.content.config_records[protocol.NODE_INFO_RECORD])
-        )
-    assert infos[0].eligible and infos[0].num_examples == 10
-    assert infos[0].model_fingerprint.startswith("sha256:")
-    assert not infos[1].eligible and "for encoder nodes; this is a sensing node" in infos[1].reason
-    assert not infos[2].eligible and "does not exist" in infos[2].reason
+        assert not reply.has_error(), reply.error
+        assert set(reply.content) == {protocol.NODE_INFO_RECORD}
+        records.append(reply.content.config_records[protocol.NODE_INFO_RECORD])
+    for record in records:
+        assert "num_examples" not in record
+        assert all(isinstance(v, str | bool) for v in record.values())  # no count anywhere
+    infos = [protocol.NodeInfo.from_record(r) for r in records]
+    assert infos[0].eligible and infos[0].model_fingerprint.startswith("sha256:")
+    assert infos[0] == infos[1]  # 10 and 30 training examples: nothing tells them apart
+    assert not infos[2].eligible and "for encoder nodes; this is a sensing node" in infos[2].reason
+    assert not infos[3].eligible and "does not exist" in infos[3].reason
 
 
 def test_deployed_app_reads_its_node_from_the_supernode_config(tmp_path: Path) -> None:
@@ -201,214 +333,462 @@ def test_deployed_app_reads_its_node_from_the_supernode_config(tmp_path: Path) -
     )
     reply = app(message(protocol.NODE_INFO, content(vit_job()), 5), ctx)
     assert reply.content.config_records[protocol.NODE_INFO_RECORD]["eligible"] is True
+    ctx.node_config = {"node-type": "sensing", "data-dir": str(tmp_path)}
+    reply = app(message(protocol.NODE_INFO, content(vit_job()), 5), ctx)
+    assert reply.content.config_records[protocol.NODE_INFO_RECORD]["eligible"] is False
     ctx.node_config = {"data-dir": str(tmp_path)}
     reason = error_reason(app(message(protocol.NODE_INFO, content(vit_job()), 5), ctx))
     assert "NodeConfigError" in reason and "node-type: is required" in reason
 
 
+def test_simulation_app_refuses_a_partition_it_has_no_node_for(
+    encoders: dict[int, NodeConfig],
+) -> None:
+    app = make_client_app(encoders)
+    reason = error_reason(app(message(protocol.NODE_INFO, content(vit_job()), 9), context(9, 7)))
+    assert "No node is configured for partition 7" in reason
+
+
 # ------------------------------------------------------------------------------ fit
 
 
-def test_fit_returns_a_clipped_update_shaped_like_the_model(
+def test_clear_text_fit_returns_a_clipped_update_of_the_model_length_with_examples_and_loss(
+    encoders: dict[int, NodeConfig],
+) -> None:
+    app = make_client_app(encoders)
+    job = vit_job(dp={"clipping_norm": 0.05})  # level none, with an update bound
+    weights = weights_record(job)
+    length = update_length_for(job)
+    rnd = RoundConfig(server_round=1, seed=3)
+    reply = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), context(10, 0))
+    assert set(reply.content) == {protocol.UPDATE, protocol.METRICS}
+    summed = plain_sums(reply, job, Work.FIT, update_length=length)
+    assert length == sum(a.size for _, a in named(weights))
+    assert float(np.linalg.norm(summed.update)) == pytest.approx(0.05, rel=1e-5)
+    assert set(summed.metrics) == {Metric.EXAMPLES, Metric.TRAIN_LOSS}
+    assert summed.metrics[Metric.EXAMPLES] == 10  # 20 examples, one per class held out
+    loss = summed.metrics[Metric.TRAIN_LOSS]
+    assert 0 < loss <= 10 * loss_bound(job) and math.isfinite(loss)
+
+    unclipped = vit_job()  # level none without a bound: the update is not clipped
+    reply = app(message(protocol.FIT, content(unclipped, rnd, weights=weights), 10), context(10, 0))
+    summed = plain_sums(reply, unclipped, Work.FIT, update_length=length)
+    assert float(np.linalg.norm(summed.update)) > 0.05
+
+
+def test_clear_text_fit_under_dp_releases_only_counts(encoders: dict[int, NodeConfig]) -> None:
+    app = make_client_app(encoders)
+    rnd = RoundConfig(server_round=1, seed=3)
+    node_level = vit_job(privacy_level="dp", dp=NODE_DP)
+    weights = weights_record(node_level)
+    length = update_length_for(node_level)
+    reply = app(
+        message(protocol.FIT, content(node_level, rnd, weights=weights), 10), context(10, 0)
+    )
+    summed = plain_sums(reply, node_level, Work.FIT, update_length=length)
+    assert summed.metrics == {Metric.CLIPPED: 1.0}  # no loss, not even a count
+    assert float(np.linalg.norm(summed.update)) == pytest.approx(0.05, rel=1e-5)
+
+    example_level = vit_job(**EXAMPLE_DP)
+    reply = app(
+        message(protocol.FIT, content(example_level, rnd, weights=weights), 10), context(10, 0)
+    )
+    summed = plain_sums(reply, example_level, Work.FIT, update_length=length)
+    assert set(summed.metrics) == {Metric.EXAMPLES}  # the count only, no training loss
+    assert float(np.linalg.norm(summed.update)) <= 1.0 + 1e-5  # the update bound (C)
+
+
+# ------------------------------------------------------------------------- evaluate
+
+
+def test_clear_text_eval_returns_per_example_sums_and_the_classifier_heads_top1(
     encoders: dict[int, NodeConfig],
 ) -> None:
     app = make_client_app(encoders)
     job = vit_job()
-    weights = global_weights(job)
-    rnd = RoundConfig(server_round=1, seed=3, clipping_norm=0.05)
-    reply = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), context(10, 0))
-    assert not reply.has_error(), reply.error
-    update = reply.content.array_records[protocol.UPDATE]
-    assert list(update.keys()) == list(weights.keys())
-    arrays = protocol.record_to_weights(update)
-    assert [a.shape for a in arrays] == [a.shape for a in protocol.record_to_weights(weights)]
-    norm = float(np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in arrays)))
-    metrics = reply.content.metric_records[protocol.METRICS]
-    assert metrics["was_clipped"] == 1.0 and metrics["preclip_norm"] > 0.05  # type: ignore[operator]
-    assert norm == pytest.approx(0.05, rel=1e-5)
-    assert metrics["num_examples"] == 10 and np.isfinite(metrics["train_loss"])
-    assert protocol.EXAMPLE_EPSILON not in metrics
+    # A head that ignores the embedding and prefers class 3 by a margin b: every held-out
+    # example is predicted as class 3, with a known cross-entropy.
+    b = 2.0
+    arrays = dict(named(weights_record(job)))
+    arrays["classifier.weight"] = np.zeros_like(arrays["classifier.weight"])
+    arrays["classifier.bias"] = np.where(np.arange(10) == 3, b, 0.0).astype(np.float32)
+    weights = protocol.weights_to_record(list(arrays), list(arrays.values()))
+    rnd = RoundConfig(server_round=1, work=Work.EVALUATE)
+    reply = app(message(protocol.EVALUATE, content(job, rnd, weights=weights), 10), context(10, 0))
+    assert set(reply.content) == {protocol.METRICS}  # no update, no statistics
+    summed = plain_sums(reply, job, Work.EVALUATE)
+    data = model_data(job, model_spec_for_job(job), encoders[0].data_dir)
+    held = [int(data.labels[i]) for i in data.held_out.indices]
+    threes = held.count(3)
+    assert summed.metrics[Metric.EXAMPLES] == len(held) == 10
+    assert summed.metrics[Metric.EVAL_CORRECT] == threes == 1
+    log_z = math.log(math.exp(b) + 9)
+    expected = threes * (log_z - b) + (len(held) - threes) * log_z
+    assert summed.metrics[Metric.EVAL_LOSS] == pytest.approx(expected, rel=1e-5)
 
-    unclipped = RoundConfig(server_round=1, seed=3, local_steps=1)
-    reply = app(message(protocol.FIT, content(job, unclipped, weights=weights), 10), context(10, 0))
-    metrics = reply.content.metric_records[protocol.METRICS]
-    assert metrics["was_clipped"] == 0.0 and metrics["preclip_norm"] > 0  # type: ignore[operator]
+
+def test_lm_eval_reports_next_byte_accuracy_and_the_public_unigram_baseline(
+    tmp_path: Path,
+) -> None:
+    nodes = write_nodes(tmp_path, "lm", NodeType.INFERENCE, (30,))
+    app = make_client_app(nodes)
+    job = JobSpec.from_mapping(
+        {
+            "component": "inference",
+            "base_model": "gpt-small-v1",
+            "task": "lm-finetune",
+            "max_seq_length": 32,
+            **TINY,
+        }
+    )
+    rnd = RoundConfig(server_round=0, work=Work.EVALUATE)
+    sums = []
+    for seed in (1, 2):  # two different global models
+        weights = weights_record(job, seed=seed)
+        reply = app(
+            message(protocol.EVALUATE, content(job, rnd, weights=weights), 10), context(10, 0)
+        )
+        sums.append(plain_sums(reply, job, Work.EVALUATE))
+    for summed in sums:
+        assert set(summed.metrics) == {
+            Metric.EXAMPLES,
+            Metric.EVAL_LOSS,
+            Metric.EVAL_CORRECT,
+            Metric.BASELINE_LOSS,
+        }
+        n = summed.metrics[Metric.EXAMPLES]
+        assert n >= 1 and n == int(n)
+        assert 0 <= summed.metrics[Metric.EVAL_CORRECT] <= n
+        assert 0 < summed.metrics[Metric.EVAL_LOSS] <= n * loss_bound(job)
+        assert all(math.isfinite(v) for v in summed.metrics.values())
+    # The baseline is the public unigram model's: the same whatever the global model, and
+    # better than a uniform byte model on the node's text.
+    baseline = sums[0].metrics[Metric.BASELINE_LOSS]
+    assert baseline == pytest.approx(sums[1].metrics[Metric.BASELINE_LOSS], rel=1e-6)
+    assert 0 < baseline / sums[0].metrics[Metric.EXAMPLES] < math.log(256)
+    assert public_unigram_log_probs().shape == (260,)
 
 
-def test_dp_sgd_epsilon_accumulates_across_rounds_in_the_node_state(
+# ------------------------------------------------------------- clear text is refused
+
+
+@pytest.mark.parametrize("level", ["secure-agg", "dp+secure-agg"])
+def test_secure_agg_levels_refuse_clear_text_fit_and_eval(
+    encoders: dict[int, NodeConfig], level: str
+) -> None:
+    app = make_client_app(encoders)
+    extra: dict[str, object] = {"privacy_level": level}
+    if level == "dp+secure-agg":
+        extra |= {"dp": NODE_DP, "federation": {"clients_per_round": 3}}
+    job = vit_job(**extra)
+    weights = weights_record(job)
+    ctx = context(10, 0)
+    for message_type, work in ((protocol.FIT, Work.FIT), (protocol.EVALUATE, Work.EVALUATE)):
+        rnd = RoundConfig(server_round=1, work=work)
+        reply = app(message(message_type, content(job, rnd, weights=weights), 10), ctx)
+        reason = error_reason(reply)
+        assert "SecAggRefusedError" in reason and "never in the clear" in reason
+    assert STATE_DP not in ctx.state.config_records  # nothing was trained
+
+
+def test_a_node_refuses_secagg_for_a_job_without_secure_aggregation(
     encoders: dict[int, NodeConfig],
 ) -> None:
     app = make_client_app(encoders)
-    job = vit_job(**DP_JOB)
-    weights = global_weights(job)
-    ctx = context(10, 0)
-    epsilons = []
-    for server_round in (1, 2):
-        rnd = RoundConfig(
-            server_round=server_round,
-            seed=1,
-            clipping_norm=1.0,
-            dp_noise_multiplier=1.0,
-            dp_max_grad_norm=1.0,
-            dp_delta=1e-5,
-            local_steps=2,
-        )
-        reply = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), ctx)
-        assert not reply.has_error(), reply.error
-        epsilons.append(reply.content.metric_records[protocol.METRICS][protocol.EXAMPLE_EPSILON])
-        assert sum(ctx.state.config_records[STATE_DP]["steps"]) == 2 * server_round  # type: ignore[arg-type]
-    assert 0 < epsilons[0] < epsilons[1]  # type: ignore[operator]
-
-    other = context(11, 1)  # a node that has not trained yet starts from zero
-    rnd = RoundConfig(
-        server_round=2,
-        seed=1,
-        dp_noise_multiplier=1.0,
-        dp_max_grad_norm=1.0,
-        dp_delta=1e-5,
-        local_steps=2,
-    )
-    reply = app(message(protocol.FIT, content(job, rnd, weights=weights), 11), other)
-    assert reply.content.metric_records[protocol.METRICS][protocol.EXAMPLE_EPSILON] == epsilons[0]
-
-
-# --------------------------------------------------------------------------- secagg
-
-
-def run_secagg(
-    app: Callable[[Message, Context], Message],
-    contexts: dict[int, Context],
-    job: JobSpec,
-    rnd: RoundConfig,
-    params: SecAggParams,
-    weights: ArrayRecord | None,
-    before_masked: Callable[[int, RecordDict], None] | None = None,
-) -> tuple[NDArray[np.float64], dict[int, Message]]:
-    """Drive one SecAgg+ round through the apps: server session -> messages -> replies."""
+    job = vit_job()
+    rnd = RoundConfig(server_round=1)
     server = ServerSession(
-        params,
+        secagg_params(update_length_for(job) + 2),
         run_id=RUN_ID,
-        server_round=rnd.server_round,
-        node_ids=sorted(contexts),
+        server_round=rnd.secagg_round,
+        node_ids=[10, 11, 12],
         rng=np.random.default_rng(0),
     )
-    stages: list[tuple[Stage, Callable[[], Mapping[int, SecAggMessage]]]] = [
-        (Stage.ADVERTISE_KEYS, server.advertise_keys),
-        (Stage.SHARE_KEYS, server.share_keys),
-        (Stage.MASKED_INPUT, server.masked_input),
-        (Stage.UNMASK, server.unmask),
-    ]
-    masked_replies = {}
-    for stage, open_stage in stages:
-        for node, request in open_stage().items():
-            extra = {"weights": weights} if stage is Stage.MASKED_INPUT and weights else {}
-            body = content(job, rnd, **extra)
-            protocol.secagg_to_content(request.to_record(), body)
-            if stage is Stage.MASKED_INPUT and before_masked is not None:
-                before_masked(node, body)
-            msg = message(protocol.STAGE_MESSAGE_TYPE[stage], body, node)
-            reply, contexts[node] = over_the_wire(app, msg, contexts[node])
-            assert not reply.has_error(), reply.error
-            assert set(reply.content.array_records) <= {protocol.SECAGG_ARRAYS}  # never `update`
-            if stage is Stage.MASKED_INPUT:
-                masked_replies[node] = reply
-            server.receive(message_from_record(protocol.secagg_from_content(reply.content)))
-    result = server.result()
-    total = dequantize_sum(result.total, num_summands=len(result.contributors), params=params)
-    return total, masked_replies
+    body = content(job, rnd)
+    protocol.secagg_to_content(server.advertise_keys()[10].to_record(), body)
+    reason = error_reason(app(message(protocol.SECAGG_ADVERTISE, body, 10), context(10, 0)))
+    assert "uses no secure aggregation" in reason
 
 
-def test_secagg_round_sums_exactly_the_fit_updates(encoders: dict[int, NodeConfig]) -> None:
+# ------------------------------------------------------------------ secure collections
+
+
+def test_secure_fit_and_eval_collections_decode_to_the_sum_of_the_nodes_own_contributions(
+    encoders: dict[int, NodeConfig],
+) -> None:
     app = make_client_app(encoders)
-    job = vit_job()
-    weights = global_weights(job)
-    ids = {2**64 - 3: 0, 12: 1, 2**63 + 7: 2}  # Flower node ids are unsigned 64-bit
+    job = vit_job(privacy_level="secure-agg", secagg={"quantization_range": 0.05})
+    weights = weights_record(job)
+    ids = dict(zip(BIG_IDS, range(3), strict=True))
     contexts = {node: context(node, p) for node, p in ids.items()}
-    rnd = RoundConfig(server_round=3, seed=11, clipping_norm=0.05, local_steps=2)
-    plain = [
-        update_vector(
-            app(message(protocol.FIT, content(job, rnd, weights=weights), n), context(n, p))
-        )
-        for n, p in ids.items()
-    ]
-    expected = np.sum([v.astype(np.float64) for v in plain], axis=0)
-    params = SecAggParams(
-        num_clients=3,
-        num_neighbours=2,
-        threshold=2,
-        vector_length=expected.size,
-        clipping_range=4.0,
-    )
+    fit = RoundConfig(server_round=3, seed=11)
 
     def malformed_first(node: int, body: RecordDict) -> None:
         # A wrong-dtype weights record is refused; the session survives for the real request.
         broken = RecordDict(dict(body.items()))
-        broken["weights"] = ArrayRecord(
+        broken[protocol.WEIGHTS] = ArrayRecord(
             {n: Array(a.numpy().astype(np.float64)) for n, a in weights.items()}
         )
-        reason = error_reason(app(message(protocol.SECAGG_MASKED, broken, node), contexts[node]))
-        assert "must be float32" in reason
-
-    total, masked = run_secagg(app, contexts, job, rnd, params, weights, malformed_first)
-    step = params.quantization_step
-    np.testing.assert_allclose(total, expected, rtol=0, atol=3 * step + 1e-6)
-    assert total[-2] == pytest.approx(3.0, abs=1e-6)  # all three were clipped
-    for reply in masked.values():
-        metrics = reply.content.metric_records[protocol.METRICS]
-        assert set(metrics) == {"num_examples", "train_loss", "train_seconds"}
-    for ctx in contexts.values():
-        assert STATE_SECAGG not in ctx.state.config_records  # round done: secrets dropped
-    # A node takes part once per round: advertising again for round 3 is refused.
-    server = ServerSession(
-        params, run_id=RUN_ID, server_round=3, node_ids=sorted(ids), rng=np.random.default_rng(1)
-    )
-    node, request = next(iter(server.advertise_keys().items()))
-    body = content(job, rnd)
-    protocol.secagg_to_content(request.to_record(), body)
-    assert "already advertised keys" in error_reason(
-        app(message(protocol.SECAGG_ADVERTISE, body, node), contexts[node])
-    )
-
-
-def test_sensing_round_through_secagg_gives_the_pooled_normalizer(tmp_path: Path) -> None:
-    nodes = {}
-    for k, n in enumerate((9, 14, 6)):
-        write_demo_dataset("vision", tmp_path / f"s{k}" / "vision", n, seed=20 + k)
-        nodes[k] = NodeConfig(NodeType.SENSING, tmp_path / f"s{k}")
-    app = make_client_app(nodes)
-    job = JobSpec.from_mapping(
-        {"component": "sensing", "base_model": "camera", "task": "preproc", "input_size": 32}
-    )
-    contexts = {100 + k: context(100 + k, k) for k in nodes}
-    rnd = RoundConfig(server_round=1, seed=0, clipping_norm=3.0)  # >= sqrt(7): clips nothing
-    params = SecAggParams(
-        num_clients=3, num_neighbours=2, threshold=2, vector_length=7, clipping_range=64.0
-    )
-    total, masked = run_secagg(app, contexts, job, rnd, params, None)
-    assert [m.content.metric_records["metrics"]["num_examples"] for m in masked.values()] == [
-        9,
-        14,
-        6,
-    ]
-    plain = app(message(protocol.FIT, content(job, rnd), 100), context(100, 0)).content
-    statistics = plain.array_records[protocol.UPDATE]["statistics"].numpy()
-    assert statistics.shape == (7,) and statistics[0] == 9.0  # the clear-text path (no SecAgg)
-    norm = normalizer_from_sum(job, total)
-    pixels = (
-        np.concatenate(
-            [
-                load_images(c.data_dir / "vision", input_size=32)
-                .inputs.numpy()
-                .transpose(0, 2, 3, 1)
-                .reshape(-1, 3)
-                for c in nodes.values()
-            ]
+        reply, contexts[node] = over_the_wire(
+            app, message(protocol.SECAGG_MASKED, broken, node), contexts[node]
         )
-        / 255.0
+        assert "must be float32" in error_reason(reply)
+        assert STATE_SECAGG in contexts[node].state.config_records
+
+    total = run_secure_collection(app, contexts, job, fit, weights, malformed_first)
+    expected = own_sums(encoders, ids, job, fit, weights)
+    layout = secure_layout(job, Work.FIT, 3)
+    assert total.update.shape == (update_length_for(job),)
+    # Stochastic rounding moves each node's coordinate by less than one step.
+    np.testing.assert_allclose(total.update, expected.update, rtol=0, atol=3 * layout.update_step)
+    assert 0 < float(np.linalg.norm(expected.update)) <= 3 * 0.05 * (1 + 1e-5)
+    assert total.metrics[Metric.EXAMPLES] == expected.metrics[Metric.EXAMPLES] == 30  # exact
+    # Each example's loss is rounded to the metric grid on its own.
+    grid = 1 / layout.metric_scales[1]
+    assert total.metrics[Metric.TRAIN_LOSS] == pytest.approx(
+        expected.metrics[Metric.TRAIN_LOSS], abs=3 * grid
     )
-    assert norm.count[0] == pytest.approx(29, abs=1e-5)
-    np.testing.assert_allclose(norm.mean, pixels.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(norm.std, pixels.std(0), rtol=1e-3)
+    for ctx in contexts.values():
+        assert STATE_SECAGG not in ctx.state.config_records  # session done: secrets dropped
+
+    evaluation = RoundConfig(server_round=3, work=Work.EVALUATE)
+    total = run_secure_collection(app, contexts, job, evaluation, weights)
+    expected = own_sums(encoders, ids, job, evaluation, weights)
+    assert total.update.size == 0
+    assert (
+        total.metrics[Metric.EXAMPLES] == 30
+        and total.metrics[Metric.EVAL_CORRECT] == (expected.metrics[Metric.EVAL_CORRECT])
+    )
+    eval_grid = 1 / secure_layout(job, Work.EVALUATE, 3).metric_scales[1]
+    assert total.metrics[Metric.EVAL_LOSS] == pytest.approx(
+        expected.metrics[Metric.EVAL_LOSS], abs=30 * eval_grid / 2
+    )
+
+
+def test_secure_analytics_collections_decode_ranges_then_moments_to_the_pooled_normalizer(
+    tmp_path: Path,
+) -> None:
+    nodes = write_nodes(tmp_path, "iot", NodeType.SENSING, (40, 70, 25))
+    app = make_client_app(nodes)
+    job = iot_job(privacy_level="secure-agg")
+    ids = {100 + k: k for k in nodes}
+    contexts = {node: context(node, p) for node, p in ids.items()}
+
+    ranges = RoundConfig(server_round=1, work=Work.RANGES)
+    total = run_secure_collection(app, contexts, job, ranges)
+    expected = own_sums(nodes, ids, job, ranges, None)
+    step = secure_layout(job, Work.RANGES, 3).statistics_step
+    assert total.statistics.shape == expected.statistics.shape == (5 * 64,)
+    np.testing.assert_allclose(total.statistics, expected.statistics, atol=135 * step / 2)
+    bound = analytics_row_bound(job, Work.RANGES)
+    counts = (total.statistics * bound).reshape(5, 64).sum(axis=1)
+    np.testing.assert_allclose(counts, 135, rtol=1e-3)  # every example, once per feature
+
+    values = np.concatenate([sensing_values(job, c.data_dir) for c in nodes.values()])
+    low, high = values.min(axis=(0, 1)) - 1.0, values.max(axis=(0, 1)) + 1.0
+    moments = RoundConfig(
+        server_round=1, work=Work.MOMENTS, range_low=tuple(low), range_high=tuple(high)
+    )
+    total = run_secure_collection(app, contexts, job, moments)
+    expected = own_sums(nodes, ids, job, moments, None)
+    bound = analytics_row_bound(job, Work.MOMENTS)
+    np.testing.assert_allclose(total.statistics, expected.statistics, atol=135 * step / 2)
+    pooled = moment_rows(values, low, high).sum(axis=0)
+    np.testing.assert_allclose(total.statistics * bound, pooled, atol=135 * step * bound)
+    norm = normalizer_from_centred_sum(
+        FeatureRanges(IOT_RANGES.features, low, high), total.statistics * bound
+    )
+    rows = values[:, 0, :]
+    assert norm.count[0] == pytest.approx(135, rel=1e-4)
+    # Fixed-point rows (step 2^-12 after scaling by 1 / sqrt(11)): errors of ~1e-3 half-ranges.
+    half = (high - low) / 2
+    assert np.all(np.abs(norm.mean - rows.mean(axis=0)) <= 1e-3 * half)
+    assert np.all(np.abs(norm.std - rows.std(axis=0)) <= 1e-2 * rows.std(axis=0) + 1e-3 * half)
+
+
+# ------------------------------------------------------------------ distributed DP
+
+
+def _residual_variance(total: Summed, expected: Summed) -> float:
+    residual = total.update - expected.update
+    return float(np.mean(np.square(residual - residual.mean())))
+
+
+def test_dp_secure_agg_sum_differs_from_the_noiseless_sum_by_noise_of_the_planned_variance(
+    encoders: dict[int, NodeConfig],
+) -> None:
+    app = make_client_app(encoders)
+    job = vit_job(privacy_level="dp+secure-agg", dp=NODE_DP, federation={"clients_per_round": 3})
+    weights = weights_record(job)
+    ids = dict(zip(BIG_IDS, range(3), strict=True))
+    contexts = {node: context(node, p) for node, p in ids.items()}
+    rnd = RoundConfig(server_round=1, seed=5)
+    total = run_secure_collection(app, contexts, job, rnd, weights)
+    expected = own_sums(encoders, ids, job, rnd, weights)
+
+    # Each node adds the share of min_survivors = floor(3 (1 - 0.2)) = 2 nodes: the noise of
+    # any 2 honest shares is (z C)^2; the 3 shares of this sum carry 3/2 of it.
+    n_min = min_survivors(job, 3)
+    assert n_min == 2 and min_survivors(job, 10) == 8
+    planned = 3 / n_min * (NODE_Z * NODE_C) ** 2
+    assert total.update.shape == expected.update.shape
+    assert _residual_variance(total, expected) == pytest.approx(planned, rel=0.05)
+    assert abs(float(np.mean(total.update - expected.update))) < 5 * math.sqrt(
+        planned / total.update.size
+    )
+    # The released metric (how many updates were clipped) is noised too.
+    units = secure_layout(job, Work.FIT, 3).metric_units
+    std = job.dp.metrics_noise_multiplier * math.sqrt(3 / n_min) / units[0]
+    assert expected.metrics == {Metric.CLIPPED: 3.0}
+    assert total.metrics[Metric.CLIPPED] != expected.metrics[Metric.CLIPPED]
+    assert abs(total.metrics[Metric.CLIPPED] - 3.0) < 6 * std
+
+
+def test_dp_secure_agg_analytics_sum_carries_the_planned_noise_on_every_statistic(
+    tmp_path: Path,
+) -> None:
+    nodes = write_nodes(tmp_path, "iot", NodeType.SENSING, (40, 70, 25))
+    app = make_client_app(nodes)
+    z = 0.5
+    job = iot_job(
+        privacy_level="dp+secure-agg",
+        dp={"unit": "example", "noise_multiplier": z, "delta": 1e-5, "planned_dropout": 0.0},
+    )
+    ids = {100 + k: k for k in nodes}
+    contexts = {node: context(node, p) for node, p in ids.items()}
+    rnd = RoundConfig(server_round=1, work=Work.RANGES)
+    total = run_secure_collection(app, contexts, job, rnd)
+    expected = own_sums(nodes, ids, job, rnd, None)
+    # No planned dropout: the 3 shares together carry exactly (z * 1)^2 per statistic (rows
+    # have L2 norm <= 1), 320 statistics of one release.
+    assert min_survivors(job, 3) == 3
+    residual = total.statistics - expected.statistics
+    assert residual.shape == (5 * 64,)
+    assert float(np.var(residual)) == pytest.approx(z**2, rel=0.3)
+    assert abs(float(np.mean(residual))) < 5 * z / math.sqrt(residual.size)
+
+
+def test_secret_sampling_includes_data_at_rate_q_and_otherwise_contributes_zeros_and_noise(
+    encoders: dict[int, NodeConfig],
+) -> None:
+    def job_at(fraction: float) -> JobSpec:
+        return vit_job(
+            privacy_level="dp+secure-agg",
+            dp=NODE_DP,
+            federation={"clients_per_round": 3, "sampling": "secret", "fraction": fraction},
+        )
+
+    # The draw comes from the node's own CSPRNG: about a fraction q of the rounds include data.
+    node = Node(encoders[0], node_id=10)
+    q = 0.3
+    draws = [node._included(job_at(q)) for _ in range(4000)]
+    assert np.mean(draws) == pytest.approx(q, abs=0.04)
+
+    # A node that includes nothing contributes a zero update and no metric row ...
+    job = job_at(0.5)
+    weights = weights_record(job)
+    rnd = RoundConfig(server_round=1, seed=2)
+    seen: set[bool] = set()
+    for _ in range(40):
+        part = node.contribution(job, rnd, named(weights), NodeState())
+        included = bool(part.update.any())
+        seen.add(included)
+        assert part.metric_rows.shape == ((1, 1) if included else (0, 1))
+        if seen == {True, False}:
+            break
+    assert seen == {True, False}
+
+    # ... and still adds its noise share: a round where (almost surely) no node includes its
+    # data decodes to pure noise of the planned variance.
+    job = job_at(1e-9)
+    app = make_client_app(encoders)
+    contexts = {n: context(n, p) for n, p in zip(BIG_IDS, range(3), strict=True)}
+    total = run_secure_collection(app, contexts, job, rnd, weights)
+    planned = 3 / min_survivors(job, 3) * (NODE_Z * NODE_C) ** 2
+    assert float(np.var(total.update)) == pytest.approx(planned, rel=0.05)
+    assert abs(float(np.mean(total.update))) < 5 * math.sqrt(planned / total.update.size)
+    std = (
+        job.dp.metrics_noise_multiplier
+        * math.sqrt(1.5)
+        / secure_layout(job, Work.FIT, 3).metric_units[0]
+    )
+    assert abs(total.metrics[Metric.CLIPPED]) < 6 * std
+
+
+# ---------------------------------------------------------------------------- DP-SGD
+
+
+def test_dp_sgd_noise_is_calibrated_on_the_node_and_its_events_accumulate_in_the_state(
+    encoders: dict[int, NodeConfig],
+) -> None:
+    app = make_client_app(encoders)
+    job = vit_job(**EXAMPLE_DP)
+    weights = weights_record(job)
+    ctx = context(10, 0)
+    sigma = dp_sgd_noise_multiplier(job, 10)  # the node's own count: 10 training examples
+    rate, steps = dp_sgd_steps(job, 10)
+    assert (rate, steps) == (0.2, 5)
+    for server_round in (1, 2):
+        rnd = RoundConfig(server_round=server_round, seed=1)
+        reply = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), ctx)
+        assert not reply.has_error(), reply.error
+        events = dp_steps(ctx)
+        assert sum(e.steps for e in events) == steps * server_round
+        assert {(e.noise_multiplier, e.sample_rate) for e in events} == {(sigma, rate)}
+    # Over the planned rounds, DP-SGD plus every metric release stays within the target.
+    releases = release_events(job, noise_multiplier=1.0, update_length=0)
+    epsilon = compute_epsilon([*dp_steps(ctx), *releases], delta=1e-5)
+    assert 0.9 * 4.0 < epsilon <= 4.0 * (1 + 1e-3)
+    # A node with more data calibrates less noise; the server never learned either count.
+    assert dp_sgd_noise_multiplier(job, 1000) < sigma
+
+    other = context(11, 1)  # a node that has not trained yet starts from zero
+    rnd = RoundConfig(server_round=2, seed=1)
+    assert not app(message(protocol.FIT, content(job, rnd, weights=weights), 11), other).has_error()
+    assert sum(e.steps for e in dp_steps(other)) == steps
+
+
+# ------------------------------------------------------------------- session order
+
+
+def _advertise(
+    app: App, ctx: Context, job: JobSpec, rnd: RoundConfig, session: int | None = None
+) -> Message:
+    layout = secure_layout(job, rnd.work, 3)
+    server = ServerSession(
+        secagg_params(layout.length, 3),
+        run_id=RUN_ID,
+        server_round=rnd.secagg_round if session is None else session,
+        node_ids=[ctx.node_id, ctx.node_id + 1, ctx.node_id + 2],
+        rng=np.random.default_rng(0),
+    )
+    body = content(job, rnd)
+    protocol.secagg_to_content(server.advertise_keys()[ctx.node_id].to_record(), body)
+    message_type = protocol.secagg_message_type(rnd.work.category, Stage.ADVERTISE_KEYS)
+    return app(message(message_type, body, ctx.node_id), ctx)
+
+
+def test_a_node_refuses_an_older_or_repeated_secagg_session_and_a_mismatched_one(
+    encoders: dict[int, NodeConfig],
+) -> None:
+    app = make_client_app(encoders)
+    job = vit_job(privacy_level="secure-agg")
+    ctx = context(10, 0)
+    fit2 = RoundConfig(server_round=2)
+    assert not _advertise(app, ctx, job, fit2).has_error()
+    started = dict(ctx.state.config_records[STATE_SECAGG_ROUND])
+    assert started["round"] == fit2.secagg_round
+
+    older = RoundConfig(server_round=1, work=Work.EVALUATE)
+    assert "only joins newer sessions" in error_reason(_advertise(app, ctx, job, older))
+    assert "only joins newer sessions" in error_reason(_advertise(app, ctx, job, fit2))
+    mismatched = error_reason(_advertise(app, ctx, job, fit2, session=fit2.secagg_round + 1))
+    assert f"is for session {fit2.secagg_round + 1}" in mismatched
+    assert dict(ctx.state.config_records[STATE_SECAGG_ROUND]) == started  # unchanged
+
+    eval2 = RoundConfig(server_round=2, work=Work.EVALUATE)
+    assert not _advertise(app, ctx, job, eval2).has_error()  # the next collection: newer
+    assert ctx.state.config_records[STATE_SECAGG_ROUND]["round"] == eval2.secagg_round
 
 
 # --------------------------------------------------------------- faults, bad input
@@ -416,92 +796,93 @@ def test_sensing_round_through_secagg_gives_the_pooled_normalizer(tmp_path: Path
 
 def test_injected_fault_is_an_error_reply_only_in_its_round(tmp_path: Path) -> None:
     write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
-    node = NodeConfig(
-        NodeType.ENCODER,
-        tmp_path,
-        faults=NodeConfig.from_flower(
-            {"node-type": "encoder", "data-dir": str(tmp_path), "fail-on": "evaluate.eval@2"}
-        ).faults,
+    node = NodeConfig.from_flower(
+        {"node-type": "encoder", "data-dir": str(tmp_path), "fail-on": "evaluate.eval@2"}
     )
     app = make_client_app({0: node})
     job = vit_job()
-    weights = global_weights(job)
-    for server_round in (1, 2):
-        rnd = RoundConfig(server_round=server_round, seed=0)
+    weights = weights_record(job)
+    for server_round in (1, 2, 3):
+        rnd = RoundConfig(server_round=server_round, work=Work.EVALUATE)
         reply = app(
             message(protocol.EVALUATE, content(job, rnd, weights=weights), 10), context(10, 0)
         )
-        if server_round == 1:
-            metrics = reply.content.metric_records[protocol.METRICS]
-            assert metrics["num_examples"] == 10 and np.isfinite(metrics["eval_loss"])
+        if server_round == 2:
+            reason = error_reason(reply)
+            assert "FaultInjectedError" in reason and "evaluate.eval@2" in reason
         else:
-            assert "FaultInjectedError" in error_reason(reply)
-            assert "evaluate.eval@2" in error_reason(reply)
+            summed = plain_sums(reply, job, Work.EVALUATE)
+            assert summed.metrics[Metric.EXAMPLES] == 10
+            assert math.isfinite(summed.metrics[Metric.EVAL_LOSS])
+    rnd = RoundConfig(server_round=2)
+    fit = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), context(10, 0))
+    assert not fit.has_error()  # another message type in the same round
 
 
 def test_malformed_messages_are_error_replies_and_leave_the_state_alone(
     encoders: dict[int, NodeConfig],
 ) -> None:
     app = make_client_app(encoders)
-    job = vit_job(**DP_JOB)
-    weights = global_weights(job)
+    job = vit_job(**EXAMPLE_DP)
+    weights = weights_record(job)
     ctx = context(10, 0)
-    rnd = RoundConfig(
-        server_round=1,
-        seed=0,
-        dp_noise_multiplier=1.0,
-        dp_max_grad_norm=1.0,
-        dp_delta=1e-5,
-        local_steps=1,
-    )
+    rnd = RoundConfig(server_round=1, seed=0)
     assert not app(message(protocol.FIT, content(job, rnd, weights=weights), 10), ctx).has_error()
     before = dict(ctx.state.config_records[STATE_DP])
 
     names = list(weights.keys())
     arrays = protocol.record_to_weights(weights)
-    short = ArrayRecord({n: Array(a) for n, a in zip(names[:-1], arrays[:-1], strict=True)})
-    reshaped = ArrayRecord(
-        {
-            n: Array(a.reshape(-1) if i == 0 else a)
-            for i, (n, a) in enumerate(zip(names, arrays, strict=True))
-        }
-    )
+    short = protocol.weights_to_record(names[:-1], arrays[:-1])
+    reshaped = protocol.weights_to_record(names, [arrays[0].reshape(-1), *arrays[1:]])
     bad_job = content(job, rnd, weights=weights)
     bad_job[protocol.JOB] = job_record(job, learning_rate=-1.0)
-    bad_round = content(job, rnd, weights=weights)
-    bad_round[protocol.ROUND] = ConfigRecord({"server_round": 1, "seed": 0, "evil": 1})
-    negative = RoundConfig(server_round=1, seed=0, clipping_norm=-1.0)
+    private_knob = content(job, rnd, weights=weights)
+    private_knob[protocol.ROUND] = ConfigRecord(
+        {"server_round": 1, "work": "fit", "dp_noise_multiplier": 0.1}
+    )
+    wrong_work = content(job, RoundConfig(server_round=1, work=Work.EVALUATE), weights=weights)
     cases = {
-        "no `job` ConfigRecord": RecordDict({protocol.ROUND: rnd.to_record(), "weights": weights}),
+        "no `job` ConfigRecord": RecordDict(
+            {protocol.ROUND: rnd.to_record(), protocol.WEIGHTS: weights}
+        ),
         "no `round` ConfigRecord": content(job, None, weights=weights),
         "must carry the `weights` record": content(job, rnd),
         "does not fit the job's model": content(job, rnd, weights=short),
         "model expects": content(job, rnd, weights=reshaped),
         "learning_rate: must be > 0": bad_job,
-        "unknown keys": bad_round,
-        "`round.clipping_norm` must be a finite number >= 0": content(
-            job, negative, weights=weights
-        ),
+        "unknown keys ['dp_noise_multiplier']": private_knob,  # no privacy knob from the server
+        "cannot carry evaluate work": wrong_work,
     }
     for expected, body in cases.items():
         reason = error_reason(app(message(protocol.FIT, body, 10), ctx))
         assert expected in reason, (expected, reason)
-    secagg_in_fit = content(job, rnd, weights=weights)
+    sensing_work = content(job, RoundConfig(server_round=1, work=Work.RANGES), weights=weights)
+    assert "has no ranges collections" in error_reason(
+        app(message(protocol.FIT, sensing_work, 10), ctx)
+    )
+
+    secure = vit_job(privacy_level="secure-agg")
+    secagg_in_fit = content(secure, rnd, weights=weights)
     reason = error_reason(app(message(protocol.SECAGG_SHARE, secagg_in_fit, 10), ctx))
     assert "no `secagg` ConfigRecord" in reason
-    wrong_length = SecAggParams(
-        num_clients=2, num_neighbours=1, threshold=2, vector_length=5, clipping_range=1.0
-    )
     server = ServerSession(
-        wrong_length, run_id=RUN_ID, server_round=1, node_ids=[10, 11], rng=np.random.default_rng(0)
+        secagg_params(5),
+        run_id=RUN_ID,
+        server_round=rnd.secagg_round,
+        node_ids=[10, 11, 12],
+        rng=np.random.default_rng(0),
     )
-    advertise = server.advertise_keys()[10]
-    body = content(job, rnd)
-    protocol.secagg_to_content(advertise.to_record(), body)
+    body = content(secure, rnd)
+    protocol.secagg_to_content(server.advertise_keys()[10].to_record(), body)
     wrong_stage = error_reason(app(message(protocol.SECAGG_SHARE, body, 10), ctx))
     assert "must carry a share_keys request; it carries: advertise_keys request" in wrong_stage
     assert "vector_length is 5" in error_reason(
         app(message(protocol.SECAGG_ADVERTISE, body, 10), ctx)
     )
+    share = error_reason(app(message(protocol.SECAGG_UNMASK, body, 10), ctx))
+    assert "must carry a unmask request" in share
+    no_content = make_message(message(protocol.FIT, RecordDict(), 10).metadata, error=Error(0))
+    assert "carries no content" in error_reason(app(no_content, ctx))
     assert dict(ctx.state.config_records[STATE_DP]) == before  # nothing spent or lost
     assert STATE_SECAGG not in ctx.state.config_records
+    assert STATE_SECAGG_ROUND not in ctx.state.config_records

@@ -145,6 +145,24 @@ def test_dp_sgd_through_opacus_runs_the_same_loop_and_moves_the_weights() -> Non
                     learning_rate=0.05, generator=torch.Generator(), dp=private)  # fmt: skip
 
 
+def test_dp_sgd_takes_a_noised_accounted_step_on_an_empty_poisson_batch() -> None:
+    # The subsampled Gaussian analysis assumes every step adds noise, even when the Poisson
+    # sample is empty; skipping such a step would reveal that nobody was sampled.
+    model = build_model(VIT)
+    before = get_weights(model)
+    loader = DataLoader(_vision(4, 0), batch_size=1)
+    optimizer = make_optimizer(model, "sgd", learning_rate=0.05)
+    private = make_private(model, optimizer, loader, noise_multiplier=0.5, max_grad_norm=1.0,
+                           noise_generator=torch.Generator().manual_seed(0))  # fmt: skip
+    setattr(private.data_loader.batch_sampler, "sample_rate", 0.0)  # noqa: B010 -- all empty
+    result = train_local(private.module, loader, task="classification", epochs=1,
+                         optimizer="sgd", learning_rate=0.05,
+                         generator=torch.Generator().manual_seed(0), dp=private)  # fmt: skip
+    assert result.steps == 0 and np.isnan(result.mean_loss)  # no example was ever seen
+    assert sum(e.steps for e in private.events()) == 4  # yet every step was taken and counted
+    assert any(not np.array_equal(a, b) for a, b in zip(before, get_weights(model), strict=True))
+
+
 def test_unsupported_tasks_and_bad_arguments_are_rejected() -> None:
     model = build_model(VIT)
     loader = DataLoader(_vision(8, 0), batch_size=8)
