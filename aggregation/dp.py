@@ -533,35 +533,42 @@ def calibrate_for_events(
     events_for: Callable[[float], Sequence[PrivacyEvent]],
     accountant: AccountantKind | str = AccountantKind.RDP,
     epsilon_tolerance: float = 0.01,
+    lower: float = 0.05,
     upper: float = 1e4,
 ) -> float:
     """Smallest noise multiplier ``z`` (to ``epsilon_tolerance``) whose run of events
     ``events_for(z)`` stays within ``target_epsilon`` at ``target_delta``.
 
     For runs that mix releases with a fixed noise multiplier (e.g. metric sums) and releases
-    calibrated here: ``events_for`` returns the whole run for a candidate ``z``. Binary search
-    on ``z`` (epsilon decreases as ``z`` grows); the result never overshoots the target.
-    Raises ``ValueError`` when even ``upper`` does not reach it (the fixed releases alone
-    exceed the target).
+    calibrated here: ``events_for`` returns the whole run for a candidate ``z``. Epsilon falls
+    as ``z`` grows, so the search doubles up from ``lower`` (a known lower bound makes it
+    fast: accounting a huge ``z`` is slow in Opacus) to a bracket, then bisects; the result
+    never overshoots the target. Raises ``ValueError`` when even ``upper`` does not reach it
+    (the fixed releases alone exceed the target).
     """
     eps = as_real("target_epsilon", target_epsilon)
     delta = as_real("target_delta", target_delta)
-    raise_problems([positive_problem("target_epsilon", eps), delta_problem("target_delta", delta)])
+    raise_problems(
+        [
+            positive_problem("target_epsilon", eps),
+            delta_problem("target_delta", delta),
+            positive_problem("lower", as_real("lower", lower)),
+        ]
+    )
     kind = AccountantKind(accountant)
 
     def epsilon(z: float) -> float:
         return compute_epsilon(list(events_for(z)), delta=delta, kind=kind)
 
-    if epsilon(upper) > eps:
-        raise ValueError(
-            f"No noise multiplier up to {upper:g} reaches epsilon={eps} at delta={delta}: the "
-            "releases with a fixed noise multiplier (e.g. metrics) already spend more. Raise "
-            "the target epsilon or the metrics noise multiplier, or plan fewer rounds."
-        )
-    high = upper
-    while high > 1e-3 and epsilon(high / 2) <= eps:  # bracket: eps(high / 2) > target
-        high /= 2
-    low = high / 2
+    low, high = 0.0, max(lower, 1e-3)
+    while epsilon(high) > eps:  # bracket: eps(low) > target >= eps(high)
+        low, high = high, high * 2
+        if high > upper:
+            raise ValueError(
+                f"No noise multiplier up to {upper:g} reaches epsilon={eps} at delta={delta}: "
+                "the releases with a fixed noise multiplier (e.g. metrics) already spend more. "
+                "Raise the target epsilon or the metrics noise multiplier, or plan fewer rounds."
+            )
     while high - low > 1e-4 * high and epsilon(high) < eps - epsilon_tolerance:
         mid = (low + high) / 2
         if epsilon(mid) <= eps:
