@@ -35,13 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
 
 from clients.app import make_client_app
 from clients.data import load_images
+from clients.datasets import holdout_split
 from clients.demo_data import write_demo_dataset
+from clients.jobs import model_spec_for_job
 from clients.models import (
     build_model,
     family_for_base_model,
@@ -49,15 +51,21 @@ from clients.models import (
     set_weights,
     weight_names,
 )
-from clients.config import NodeConfig
-from clients.datasets import holdout_split
-from clients.jobs import model_spec_for_job
-from clients.protocol import FIT, JOB, ROUND, WEIGHTS, RoundConfig, weights_to_record
+from clients.protocol import (
+    FIT,
+    ROUND,
+    SIGNED_JOB,
+    WEIGHTS,
+    RoundConfig,
+    signed_job_record,
+    weights_to_record,
+)
 from clients.training import augment
 from manifests.catalog import NodeType
 from manifests.jobspec import JobSpec
-from tests.support.local_grid import LocalGrid
 from simulations.scenario import Overrides, load_scenario
+from tests.support.federation import provision
+from tests.support.local_grid import LocalGrid
 
 
 def vision_job(epochs: int) -> JobSpec:
@@ -104,7 +112,9 @@ def bare_loop(job: JobSpec, data_dir: Path, repeats: int) -> list[float]:
 def client_app(job: JobSpec, data_dir: Path, repeats: int) -> list[float]:
     spec = model_spec_for_job(job)
     model = build_model(spec, seed=0)
-    nodes = {0: NodeConfig(node_type=NodeType.ENCODER, data_dir=data_dir)}
+    federation = provision(data_dir / "federation", 1, NodeType.ENCODER)
+    nodes = federation.node_configs([data_dir])
+    envelope = signed_job_record(federation.sign(job))
     grid = LocalGrid.with_app(make_client_app(nodes), 1)
     node = next(iter(grid.get_node_ids()))
     weights = weights_to_record(weight_names(model), get_weights(model))
@@ -112,7 +122,7 @@ def client_app(job: JobSpec, data_dir: Path, repeats: int) -> list[float]:
     for r in range(repeats + 1):
         content = RecordDict(
             {
-                JOB: ConfigRecord(dict(job.to_run_config())),
+                SIGNED_JOB: envelope,
                 ROUND: RoundConfig(server_round=r + 1, seed=r).to_record(),
                 WEIGHTS: weights,
             }

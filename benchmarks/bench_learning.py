@@ -40,20 +40,23 @@ from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from clients.app import make_client_app
+from clients.config import NodeConfig
 from clients.data import LabelledDataset, load_images
-from clients.demo_data import write_demo_dataset
-from clients.models import build_model, set_weights, unwrap
 from clients.datasets import holdout_split
+from clients.demo_data import write_demo_dataset
 from clients.jobs import model_spec_for_job
+from clients.models import build_model, set_weights, unwrap
 from clients.training import EmbedLoss, embed_examples, train_local
+from manifests.catalog import NodeType
 from manifests.confighash import training_config_hash
 from manifests.jobspec import JobSpec, PrivacyLevel
 from server.checkpoint import latest_checkpoint
 from server.federator import run_federation
-from tests.support.local_grid import LocalGrid
-from server.options import EventKind, ProgressEvent, RunOptions
+from server.options import EventKind, ProgressEvent
 from simulations.runner import materialize_data, node_configs
 from simulations.scenario import Overrides, Scenario, ScenarioJob, load_scenario
+from tests.support.federation import Federation, provision
+from tests.support.local_grid import LocalGrid
 
 LEVELS = (PrivacyLevel.NONE, PrivacyLevel.DP, PrivacyLevel.DP_SECURE_AGG)
 TEST_EXAMPLES = 400
@@ -149,7 +152,8 @@ def vision_job(
 
 def federated_curve(
     leveled: JobSpec,
-    app_nodes: dict[int, object],
+    federation: Federation,
+    app_nodes: dict[int, NodeConfig],
     out: Path,
     *,
     seed: int,
@@ -180,14 +184,14 @@ def federated_curve(
             )
 
     grid = LocalGrid.with_app(
-        make_client_app(app_nodes),  # type: ignore[arg-type]
+        make_client_app(app_nodes),
         len(app_nodes),
     )
     start = time.perf_counter()
     outcome = run_federation(
         grid,
         leveled,
-        RunOptions(run_dir=run_dir, seed=seed, deterministic_noise=True, round_timeout=600),
+        federation.run_options(run_dir, seed=seed, deterministic_noise=True, round_timeout=600),
         progress=on_progress,
     )
     seconds = time.perf_counter() - start
@@ -254,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenario, job_entry, job = vision_job(rounds=args.rounds, sets=args.set)
     out = args.out or Path(tempfile.mkdtemp(prefix="fedbrain-bench-learning-"))
     dirs = materialize_data(scenario, out)
-    nodes = node_configs(scenario, job_entry, dirs)
+    plain = node_configs(scenario, job_entry, dirs)
+    # The nodes' kits (open policy: the benchmark also runs the job without DP).
+    federation = provision(out / "federation", len(plain), NodeType.ENCODER)
+    nodes = federation.node_configs([plain[pid].data_dir for pid in sorted(plain)])
     input_size = job.input_size or 32
     pooled = pooled_training_data([n.data_dir for n in nodes.values()], input_size)
     test_dir = out / "test"
@@ -285,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for level in (PrivacyLevel(v) for v in args.levels.split(",")):
         leveled = vision_job(level=level, rounds=args.rounds, sets=args.set)[2]
         curve, epsilon, seconds = federated_curve(
-            leveled, dict(nodes), out, seed=args.seed, train=train_eval, test=test_eval
+            leveled, federation, dict(nodes), out, seed=args.seed, train=train_eval, test=test_eval
         )
         rows.append((f"federated, {level.value}", curve, epsilon, seconds))
 

@@ -54,7 +54,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 
     from clients.config import NodeConfig
     from manifests.jobspec import JobSpec
+    from tests.support.federation import Federation
 
 FEDBRAIN_UNAVAILABLE = "fedbrain apps not available yet"
 
@@ -348,22 +349,30 @@ def flower_plain_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
 
 
 # -- (3) fedbrain ----------------------------------------------------------------------------
-def fedbrain_noop_nodes(n: int, p: int, workdir: Path) -> Mapping[int, NodeConfig]:
-    """Partition id -> ``clients.node.NodeConfig`` for N LM nodes with ``noop_training``: each
-    answers every message (node info, the SecAgg+ stages, evaluation) but trains nothing and
-    contributes a zero update of the model's P values. Each node holds a small demo corpus
-    (``node_info`` checks that the data loads)."""
+def fedbrain_noop_nodes(
+    n: int, p: int, workdir: Path
+) -> tuple[Mapping[int, NodeConfig], Federation]:
+    """Partition id -> ``clients.node.NodeConfig`` for N provisioned LM nodes with
+    ``noop_training``: each answers every message (node info, the SecAgg+ stages, evaluation)
+    but trains nothing and contributes a zero update of the model's P values. Each node holds
+    a small demo corpus (``node_info`` checks that the data loads) and a kit (identity key,
+    signed roster, operator keys; open policy, since the benchmark also runs without SecAgg+)."""
     from clients.demo_data import write_demo_dataset
-    from clients.config import NodeConfig
     from manifests.catalog import NodeType
+    from tests.support.federation import provision
 
-    configs: dict[int, NodeConfig] = {}
+    folders: list[Path] = []
     for i in range(n):
         folder = workdir / "data" / f"node-{i}"
         if not (folder / "lm").exists():
             write_demo_dataset("lm", folder / "lm", 40, seed=i)
-        configs[i] = NodeConfig(NodeType.INFERENCE, folder, f"node-{i}", noop_training=True)
-    return configs
+        folders.append(folder)
+    federation = provision(workdir / f"federation-{n}", n, NodeType.INFERENCE)
+    configs = {
+        pid: replace(config, noop_training=True)
+        for pid, config in federation.node_configs(folders).items()
+    }
+    return configs, federation
 
 
 def _lm_job(mapping: dict[str, object], hidden: int) -> JobSpec:
@@ -373,8 +382,8 @@ def _lm_job(mapping: dict[str, object], hidden: int) -> JobSpec:
 
 
 def _parameter_count(job: JobSpec) -> int:
-    from clients.models import build_model
     from clients.jobs import model_spec_for_job
+    from clients.models import build_model
 
     model = build_model(model_spec_for_job(job))
     return sum(int(t.numel()) for t in model.parameters())
@@ -426,11 +435,12 @@ def fedbrain_run(
         from server.app import make_server_app
     except ImportError as error:
         raise FedbrainUnavailableError(str(error)) from error
-    from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent, RunOptions
+    from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent
 
-    nodes = fedbrain_noop_nodes(n, p, workdir)
+    nodes, federation = fedbrain_noop_nodes(n, p, workdir)
     job = fedbrain_job(secure=secure, n=n, p=p, rounds=rounds)
-    options = RunOptions(run_dir=workdir / ("secure" if secure else "plain"), seed=0, min_nodes=n)
+    run_dir = workdir / ("secure" if secure else "plain")
+    options = federation.run_options(run_dir, seed=0, min_nodes=n)
     started: dict[int, float] = {}
 
     def progress(event: ProgressEvent) -> None:

@@ -48,7 +48,6 @@ from clients import protocol
 from clients.config import NodeConfig
 from clients.node import Node, NodeState, Weights
 from clients.protocol import RoundConfig
-from manifests.jobspec import JobSpec, RunConfigValue
 
 __all__ = ["STATE_DP", "STATE_SECAGG", "STATE_SECAGG_ROUND", "app", "make_client_app"]
 
@@ -72,9 +71,8 @@ def _config(content: RecordDict, name: str) -> ConfigRecord:
     return record
 
 
-def _job(content: RecordDict) -> JobSpec:
-    values = cast(Mapping[str, RunConfigValue], dict(_config(content, protocol.JOB)))
-    return JobSpec.from_run_config(values)
+def _envelope(content: RecordDict) -> bytes:
+    return protocol.signed_job_from_content(content)
 
 
 def _round(content: RecordDict, category: str) -> RoundConfig:
@@ -205,7 +203,7 @@ def _store_state(state: NodeState, store: RecordDict) -> None:
 
 def _node_info(node: Node, message: Message, state: NodeState) -> RecordDict:
     node.check_fault(protocol.NODE_INFO, None)
-    info = node.node_info(_job(message.content))
+    info = node.node_info(_envelope(message.content))
     return RecordDict({protocol.NODE_INFO_RECORD: info.to_record()})
 
 
@@ -214,9 +212,9 @@ def _plain(category: str) -> _Work:
 
     def work(node: Node, message: Message, state: NodeState) -> RecordDict:
         content = message.content
-        job, rnd = _job(content), _round(content, category)
+        envelope, rnd = _envelope(content), _round(content, category)
         node.check_fault(message_type, rnd.server_round)
-        summed = node.plain(job, rnd, _weights(content), state)
+        summed = node.plain(envelope, rnd, _weights(content), state)
         out = RecordDict()
         protocol.summed_to_content(summed, out)
         return out
@@ -229,7 +227,7 @@ def _secagg(category: str, stage: Stage) -> _Work:
 
     def work(node: Node, message: Message, state: NodeState) -> RecordDict:
         content = message.content
-        job, rnd = _job(content), _round(content, category)
+        envelope, rnd = _envelope(content), _round(content, category)
         node.check_fault(message_type, rnd.server_round)
         request = message_from_record(protocol.secagg_from_content(content))
         if request.stage is not stage or request.KIND != "request":
@@ -238,7 +236,7 @@ def _secagg(category: str, stage: Stage) -> _Work:
                 f"{request.stage} {request.KIND}."
             )
         weights = _weights(content) if stage is Stage.MASKED_INPUT else None
-        reply = node.secagg(job, rnd, request, weights, state)
+        reply = node.secagg(envelope, rnd, request, weights, state)
         out = RecordDict()
         protocol.secagg_to_content(reply.to_record(), out)
         return out

@@ -92,6 +92,9 @@ class NodeConfig:
     the SecAgg+ stages, evaluation) but skips local training: its update is all zeros and its
     evaluation reports only the example count. For benchmarks of the protocol and for checking
     a deployment end to end without spending compute.
+
+    ``kit``: the node's folder (identity key, signed roster, operators' keys, policy, state;
+    :mod:`clients.credentials`); a node without one refuses every job.
     """
 
     node_type: NodeType
@@ -99,6 +102,7 @@ class NodeConfig:
     name: str = ""
     faults: tuple[Fault, ...] = ()
     noop_training: bool = False
+    kit: Path | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -116,12 +120,14 @@ class NodeConfig:
         object.__setattr__(self, "node_type", node_type)
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "faults", tuple(self.faults))
+        if self.kit is not None:
+            object.__setattr__(self, "kit", Path(self.kit))
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, str | int | float | bool]) -> NodeConfig:
         """Read a SuperNode's ``node_config``: ``node-type``, ``data-dir``, optional ``name``,
-        ``fail-on`` (comma-separated faults, e.g. ``"train.secagg_masked@2"``) and
-        ``noop-training`` (bool)."""
+        ``fail-on`` (comma-separated faults, e.g. ``"train.secagg_masked@2"``),
+        ``noop-training`` (bool) and ``kit`` (the node's folder, see :class:`NodeConfig`)."""
         problems: list[str] = []
 
         def text(key: str, *, required: bool) -> str:
@@ -138,6 +144,7 @@ class NodeConfig:
         node_type = text("node-type", required=True)
         data_dir = text("data-dir", required=True)
         name = text("name", required=False)
+        kit = text("kit", required=False)
         faults: list[Fault] = []
         for item in text("fail-on", required=False).split(","):
             if item.strip():
@@ -156,6 +163,7 @@ class NodeConfig:
                     name,
                     tuple(faults),
                     noop_training=bool(noop),
+                    kit=Path(kit).expanduser() if kit else None,
                 )
             except NodeConfigError as error:
                 problems.append(str(error))

@@ -48,11 +48,12 @@ from aggregation.accountant import SubsampledGaussianEvent
 from aggregation.codec import EXAMPLE_CAP, Contribution, Metric, RingLayout, Summed
 from aggregation.dp import clip_update
 from aggregation.dp_sgd import PrivateTraining, make_private
-from aggregation.privacy import DpUnit, WorkloadKind
+from aggregation.privacy import DpUnit, PrivacyLevel, WorkloadKind
 from aggregation.secagg import (
     AdvertiseKeysRequest,
     ClientPhase,
     ClientSession,
+    ConsistencyCheckRequest,
     MaskedInputRequest,
     SecAggMessage,
     SecAggProtocolError,
@@ -86,6 +87,7 @@ from clients.jobs import (
     update_length_for,
     workload_for_job,
 )
+from clients.kit import AdmittedJob, JobRefusedError, NodeKit, load_kit
 from clients.models import (
     build_model,
     get_weights,
@@ -156,6 +158,36 @@ class Node:
         self.node_id = node_id
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    @property
+    def kit(self) -> NodeKit:
+        """This node's kit (credentials, policy, stores); a node without one refuses every
+        job, since it could neither check who signed it nor authenticate itself."""
+        if self.config.kit is None:
+            raise JobRefusedError(
+                "this node is not provisioned: it holds no kit (identity key, signed roster, "
+                "operators' keys, policy); set the node config's `kit` folder"
+            )
+        return load_kit(self.config.kit)
+
+    def admit(self, envelope: bytes) -> AdmittedJob:
+        """The signed job in ``envelope``, verified and accepted by this node's policy (see
+        :mod:`clients.kit`), or :class:`clients.kit.JobRefusedError` with the reason."""
+        admitted = self.kit.admit(envelope)
+        self._require_node_type(admitted.job)
+        return admitted
+
+    def _release(self, admitted: AdmittedJob, rnd: RoundConfig) -> None:
+        """Before anything computed from the data leaves for ``rnd``: the round is within the
+        signed job's plan (a server cannot buy more releases than the job's epsilon covers)
+        and the job's epsilon is reserved against the dataset's lifetime budget."""
+        job = admitted.job
+        if rnd.server_round > job.federation.num_rounds:
+            raise JobRefusedError(
+                f"round {rnd.server_round} is past the signed job's {job.federation.num_rounds} "
+                "rounds; its privacy guarantee covers no more"
+            )
+        self.kit.charge(admitted, self.config.data_dir, modality_for_job(job).value)
+
     # -- helpers ------------------------------------------------------------------------
     def check_fault(self, message_type: str, server_round: int | None) -> None:
         """Raise :class:`FaultInjectedError` if a configured fault matches this message."""
@@ -179,14 +211,23 @@ class Node:
             )
 
     # -- query.node_info ----------------------------------------------------------------
-    def node_info(self, job: JobSpec) -> NodeInfo:
-        """Whether this node can work for ``job`` (never raises for "not eligible": the
-        reason is in words). It never says how many examples it holds."""
+    def node_info(self, envelope: bytes) -> NodeInfo:
+        """Whether this node can work for the signed job in ``envelope`` (never raises for
+        "not eligible": the reason is in words), and its identity key. It never says how many
+        examples it holds."""
         node_type = str(self.config.node_type)
+        identity = ""
 
         def refuse(reason: str) -> NodeInfo:
-            return NodeInfo(node_type=node_type, eligible=False, reason=reason)
+            return NodeInfo(
+                node_type=node_type, eligible=False, reason=reason, identity_key=identity
+            )
 
+        try:
+            identity = self.kit.identity_key.hex()
+            job = self.kit.admit(envelope).job
+        except (JobRefusedError, ValueError) as error:
+            return refuse(str(error))
         try:
             wanted = job.resolved_node_type
             modality = modality_for_job(job)
@@ -202,7 +243,7 @@ class Node:
                 sensing_values(job, self.config.data_dir)
             except (DataError, OSError) as error:
                 return refuse(f"the node's {modality} data cannot be used: {error}")
-            return NodeInfo(node_type=node_type, eligible=True)
+            return NodeInfo(node_type=node_type, eligible=True, identity_key=identity)
         try:
             spec = model_spec_for_job(job)
             with torch.device("meta"):
@@ -224,7 +265,10 @@ class Node:
                     f"{spec.num_classes - 1:02d}-... ."
                 )
         return NodeInfo(
-            node_type=node_type, eligible=True, model_fingerprint=model_fingerprint(spec)
+            node_type=node_type,
+            eligible=True,
+            model_fingerprint=model_fingerprint(spec),
+            identity_key=identity,
         )
 
     # -- the work of one collection -----------------------------------------------------
@@ -424,29 +468,38 @@ class Node:
 
     # -- in the clear (train.fit, evaluate.eval) ----------------------------------------
     def plain(
-        self, job: JobSpec, rnd: RoundConfig, weights: Weights | None, state: NodeState
+        self, envelope: bytes, rnd: RoundConfig, weights: Weights | None, state: NodeState
     ) -> Summed:
         """This node's own sums, sent in the clear -- refused under a secure-agg level."""
+        admitted = self.admit(envelope)
+        job = admitted.job
         if job.privacy_level.uses_secure_agg:
             raise SecAggRefusedError(
                 f"The job's privacy level is {job.privacy_level}: this node sends what it "
                 "computed only masked, through secure aggregation, never in the clear."
             )
+        self._release(admitted, rnd)
         contribution = self.contribution(job, rnd, weights, state)
         return contribution.summed(metrics_for(job, rnd.work))
 
     # -- train.secagg_* / evaluate.secagg_* ----------------------------------------------
     def secagg(
         self,
-        job: JobSpec,
+        envelope: bytes,
         rnd: RoundConfig,
         request: SecAggMessage,
         weights: Weights | None,
         state: NodeState,
     ) -> SecAggMessage:
-        """Answer one SecAgg+ request; the masked-input stage computes the contribution first,
-        encodes it into the ring with this node's noise share, and masks it."""
-        self._require_node_type(job)
+        """Answer one SecAgg+ request of the authenticated, malicious-server protocol
+        (:mod:`aggregation.secagg`: signed keys checked against the roster, the node's own
+        SecAgg+ minimums, the consistency check); the masked-input stage computes the
+        contribution first, encodes it into the ring with this node's noise share, and masks
+        it. Before signing the survivor set of a distributed-DP collection the node checks
+        that enough survivors carry noise."""
+        admitted = self.admit(envelope)
+        job = admitted.job
+        kit = self.kit
         if not job.privacy_level.uses_secure_agg:
             raise SecAggRefusedError(
                 f"The job's privacy level is {job.privacy_level}; it uses no secure aggregation."
@@ -467,14 +520,14 @@ class Node:
                     f"{job.catalog_entry.id}."
                 )
             key = (request.run_id, request.server_round, category)
-            last = state.secagg_round
-            if last is not None and last[0] == key[0] and last[1] >= key[1]:
-                raise SecAggRefusedError(
-                    f"Node {self.node_id} already took part in SecAgg+ session {last[1]} of run "
-                    f"{key[0]}; it only joins newer sessions (asked for {key[1]})."
-                )
-            session = ClientSession(self.node_id)
+            session = ClientSession(
+                identity=kit.credentials.identity,
+                roster=kit.secagg_roster(),
+                policy=kit.secagg_policy,
+                participation=kit.participation_log(),
+            )
             reply: SecAggMessage = session.advertise_keys(request)
+            kit.participation.admit(request.run_id, request.server_round)  # durable, first
             state.secagg_session = dict(session.to_state_record())
             state.secagg_round = key
             return reply
@@ -483,12 +536,18 @@ class Node:
                 f"Node {self.node_id} has no SecAgg+ session: it did not advertise keys for "
                 f"this collection (request for round {request.server_round})."
             )
-        session = ClientSession.from_state_record(state.secagg_session)
+        session = ClientSession.from_state_record(
+            state.secagg_session,
+            identity=kit.credentials.identity,
+            roster=kit.secagg_roster(),
+            policy=kit.secagg_policy,
+        )
+        params = session.state.params
+        if params is None:
+            raise SecAggProtocolError("The SecAgg+ session has no parameters.")
         if isinstance(request, MaskedInputRequest):
             _check_masked_request(session, request)
-            params = session.state.params
-            if params is None:
-                raise SecAggProtocolError("The SecAgg+ session has no parameters.")
+            self._release(admitted, rnd)
             layout = self._ring_layout(job, rnd, params.num_clients)
             contribution = _capped(self.contribution(job, rnd, weights, state))
             ring = layout.encode(
@@ -499,10 +558,28 @@ class Node:
             )
             reply = session.masked_input_quantized(request, ring)
         else:
+            if isinstance(request, ConsistencyCheckRequest):
+                self._check_survivors(job, request, params.num_clients)
             reply = session.handle(request)
         done = session.state.phase is ClientPhase.DONE
         state.secagg_session = None if done else dict(session.to_state_record())
         return reply
+
+    def _check_survivors(
+        self, job: JobSpec, request: ConsistencyCheckRequest, group_size: int
+    ) -> None:
+        """Under distributed DP, refuse to sign (and so to unmask) a survivor set too small
+        to carry the noise this node's share was sized for, counting out the neighbours the
+        policy assumes may collude with the server (their shares can be subtracted)."""
+        if job.privacy_level is not PrivacyLevel.DP_SECURE_AGG:
+            return
+        needed = min_survivors(job, group_size) + self.kit.secagg_policy.max_corrupt_neighbours
+        if len(request.survivor_ids) < needed:
+            raise SecAggRefusedError(
+                f"Node {self.node_id} refuses to sign a survivor set of "
+                f"{len(request.survivor_ids)}: its distributed noise share is sized for at "
+                f"least {needed} honest survivors, so a smaller sum would be under-noised."
+            )
 
     def _ring_layout(self, job: JobSpec, rnd: RoundConfig, group_size: int) -> RingLayout:
         return ring_layout(

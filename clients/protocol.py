@@ -7,16 +7,18 @@ records named here:
 ===============================  ========================================  ====================
 message type                     server -> client content                  client -> server
 ===============================  ========================================  ====================
-``query.node_info``              ``job``                                   ``node_info``
-``train.fit``                    ``job``, ``round``, ``weights``           ``update``,
+``query.node_info``              ``signed_job``                            ``node_info``
+``train.fit``                    ``signed_job``, ``round``, ``weights``    ``update``,
                                                                            ``metrics``,
                                                                            ``statistics``
-``evaluate.eval``                ``job``, ``round``, ``weights``           ``metrics``
-``train.secagg_<stage>``         ``job``, ``round``, ``secagg``            ``secagg``
+``evaluate.eval``                ``signed_job``, ``round``, ``weights``    ``metrics``
+``train.secagg_<stage>``         ``signed_job``, ``round``, ``secagg``     ``secagg``
 ``evaluate.secagg_<stage>``      (``weights`` with the masked-input stage)
 ===============================  ========================================  ====================
 
-- ``job``: ConfigRecord, ``JobSpec.to_run_config()`` (the job the node works for);
+- ``signed_job``: ConfigRecord with one bytes value ``envelope``: the job as the operator
+  signed it (:mod:`manifests.signed_job`); a node verifies it against its own operators'
+  keys and policy before anything else, and works only for it;
 - ``round``: ConfigRecord, :class:`RoundConfig` -- the round number, what to compute
   (:class:`Work`), and for the second phase of federated analytics the clipping ranges the
   first phase released. Nothing in it is a privacy parameter: a node derives its clipping
@@ -108,7 +110,8 @@ MESSAGE_TYPES: Final = (
 )
 """Every message type a node answers."""
 
-JOB: Final = "job"
+SIGNED_JOB: Final = "signed_job"
+SIGNED_JOB_ENVELOPE: Final = "envelope"
 ROUND: Final = "round"
 WEIGHTS: Final = "weights"
 UPDATE: Final = "update"
@@ -406,6 +409,27 @@ def secagg_from_content(content: RecordDict) -> dict[str, object]:
     for key in arrays:
         record[key] = arrays[key].numpy()
     return record
+
+
+# --------------------------------------------------------------------------- signed job
+
+
+def signed_job_record(envelope: bytes) -> ConfigRecord:
+    """The ``signed_job`` record carrying an operator-signed job envelope."""
+    if not isinstance(envelope, bytes) or not envelope:
+        raise ValueError("A signed job envelope must be non-empty bytes.")
+    return ConfigRecord({SIGNED_JOB_ENVELOPE: envelope})
+
+
+def signed_job_from_content(content: RecordDict) -> bytes:
+    """The envelope of the ``signed_job`` record (``ValueError`` when missing or malformed)."""
+    record = content.config_records.get(SIGNED_JOB)
+    if record is None:
+        raise ValueError("The message carries no `signed_job` record (an operator-signed job).")
+    envelope = record.get(SIGNED_JOB_ENVELOPE)
+    if set(record) != {SIGNED_JOB_ENVELOPE} or not isinstance(envelope, bytes) or not envelope:
+        raise ValueError("The `signed_job` record must hold exactly one bytes value `envelope`.")
+    return envelope
 
 
 # --------------------------------------------------------------------------- rotation

@@ -35,6 +35,12 @@ key                                 type      meaning (default)
 ``fedbrain.node-wait-timeout``      float     seconds to wait for enough nodes (120)
 ``fedbrain.min-nodes``              int       nodes to wait for (the job's clients per round)
 ``fedbrain.stop-on-aborted-round``  bool      stop the run when a round aborts (false)
+``fedbrain.roster``                 str       the operator-signed federation roster
+                                              (required: nodes take part only in
+                                              authenticated rounds)
+``fedbrain.signed-job``             str       the job's DSSE envelope as the operator signed
+                                              it ("": the server signs the job with
+                                              ``fedbrain.signing-key``)
 ==================================  ========  ==========================================
 
 Paths are relative to the SuperLink's working directory. Invalid settings raise
@@ -82,6 +88,8 @@ OPTION_KEYS: Final = (
     "node-wait-timeout",
     "min-nodes",
     "stop-on-aborted-round",
+    "roster",
+    "signed-job",
 )
 
 
@@ -170,7 +178,15 @@ def options_from_run_config(config: Mapping[str, RunConfigValue]) -> RunOptions:
         problems.append(f"{_PREFIX}run-dir: is required (where the ledger and bundle go).")
     signing_key = _text(config, "signing-key", problems)
     trusted_keys = _text(config, "trusted-keys", problems)
-    for key, path in (("signing-key", signing_key), ("trusted-keys", trusted_keys)):
+    roster = _text(config, "roster", problems)
+    signed_job = _text(config, "signed-job", problems)
+    paths = (
+        ("signing-key", signing_key),
+        ("trusted-keys", trusted_keys),
+        ("roster", roster),
+        ("signed-job", signed_job),
+    )
+    for key, path in paths:
         if path is not None and not Path(path).expanduser().is_file():
             problems.append(f"{_PREFIX}{key}: no such file {path!r}.")
     seed = _number(config, "seed", problems, default=0, integer=True)
@@ -180,11 +196,12 @@ def options_from_run_config(config: Mapping[str, RunConfigValue]) -> RunOptions:
     min_nodes = None
     if min_nodes_value is not None:
         min_nodes = int(_number(config, "min-nodes", problems, default=1, integer=True, minimum=1))
-    options = {
-        "deterministic_noise": _flag(config, "deterministic-noise", problems),
-        "resume": _flag(config, "resume", problems),
-        "stop_on_aborted_round": _flag(config, "stop-on-aborted-round", problems),
-    }
+    deterministic_noise = _flag(config, "deterministic-noise", problems)
+    resume = _flag(config, "resume", problems)
+    stop_on_aborted_round = _flag(config, "stop-on-aborted-round", problems)
+    envelope = None
+    if signed_job is not None and Path(signed_job).expanduser().is_file():
+        envelope = Path(signed_job).expanduser().read_bytes()
     database_url = _text(config, "database-url", problems)
     run_id = _text(config, "run-id", problems)
     if problems or run_dir is None:
@@ -199,7 +216,11 @@ def options_from_run_config(config: Mapping[str, RunConfigValue]) -> RunOptions:
         node_wait_timeout=wait,
         min_nodes=min_nodes,
         run_id=run_id,
-        **options,
+        deterministic_noise=deterministic_noise,
+        resume=resume,
+        stop_on_aborted_round=stop_on_aborted_round,
+        roster=None if roster is None else Path(roster).expanduser(),
+        job_envelope=envelope,
     )
 
 

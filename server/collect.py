@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from aggregation.codec import Summed
@@ -97,6 +97,7 @@ class Collector:
         grid: Grid,
         job: JobSpec,
         *,
+        envelope: bytes,
         round_timeout: float,
         run_id: int,
         seed: int = 0,
@@ -107,7 +108,7 @@ class Collector:
     ) -> None:
         self.grid = grid
         self.job = job
-        self.job_record = ConfigRecord(dict(job.to_run_config()))
+        self.job_record = wire.signed_job_record(envelope)
         self.round_timeout = round_timeout
         self.run_id = run_id
         self.seed = seed
@@ -135,7 +136,7 @@ class Collector:
     def message(
         self, node: int, message_type: str, rnd: RoundConfig, weights: ArrayRecord | None
     ) -> Message:
-        content = RecordDict({wire.JOB: self.job_record, wire.ROUND: rnd.to_record()})
+        content = RecordDict({wire.SIGNED_JOB: self.job_record, wire.ROUND: rnd.to_record()})
         if weights is not None:
             content[wire.WEIGHTS] = weights
         return Message(

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from aggregation.secagg import node_id_for
 from clients import protocol as wire
 from manifests.jobspec import JobSpec
 
@@ -35,11 +36,13 @@ class NotEnoughNodesError(RuntimeError):
 
 @dataclass(frozen=True)
 class Discovery:
-    """The eligible nodes (with their node types) and the refused ones with reasons."""
+    """The eligible nodes (with their node types and SecAgg+ ids) and the refused ones with
+    reasons."""
 
     eligible: tuple[int, ...]
     node_types: Mapping[int, str]
     refused: Mapping[int, str]
+    secagg_ids: Mapping[int, int]
 
 
 def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
@@ -56,6 +59,8 @@ def discover_nodes(
     grid: Grid,
     job: JobSpec,
     *,
+    envelope: bytes,
+    members: Mapping[int, bytes],
     fingerprint: str,
     needed: int,
     wait_timeout: float,
@@ -64,6 +69,10 @@ def discover_nodes(
     run_id: str,
 ) -> Discovery:
     """Ask every connected node for its node info (see the module docstring).
+
+    ``envelope``: the operator-signed job the nodes check; ``members``: the roster's members
+    (SecAgg+ id -> identity key): a node whose identity is not among them is refused, and each
+    eligible node's SecAgg+ id is the one its identity key derives.
 
     Raises :class:`NotEnoughNodesError` when fewer than ``needed`` nodes connect within
     ``wait_timeout`` seconds or fewer than ``needed`` are eligible.
@@ -74,7 +83,7 @@ def discover_nodes(
             f"only {len(connected)} node(s) connected within {wait_timeout:g} s; the job needs "
             f"at least {needed}"
         )
-    content = RecordDict({wire.JOB: ConfigRecord(dict(job.to_run_config()))})
+    content = RecordDict({wire.SIGNED_JOB: wire.signed_job_record(envelope)})
     messages = [
         Message(content, dst_node_id=n, message_type=wire.NODE_INFO, group_id="0")
         for n in connected
@@ -88,6 +97,8 @@ def discover_nodes(
     eligible: list[int] = []
     node_types: dict[int, str] = {}
     refused: dict[int, str] = {}
+    secagg_ids: dict[int, int] = {}
+    taken: set[int] = set()
     for node in connected:
         reply = replies.get(node)
         reason = None
@@ -113,6 +124,11 @@ def discover_nodes(
                         f"the server's {fingerprint or '(none)'}"
                     )
                 else:
+                    reason = _identity_problem(info.identity_public_key, members, taken)
+                if reason is None and info.identity_public_key is not None:
+                    secagg_id = node_id_for(info.identity_public_key)
+                    taken.add(secagg_id)
+                    secagg_ids[node] = secagg_id
                     node_types[node] = info.node_type
         if reason is not None:
             refused[node] = reason
@@ -126,7 +142,20 @@ def discover_nodes(
             f"only {len(eligible)} eligible node(s) of {len(connected)} connected; the job "
             f"needs {needed}" + (f" (refused: {detail})" if detail else "")
         )
-    return Discovery(tuple(eligible), node_types, refused)
+    return Discovery(tuple(eligible), node_types, refused, secagg_ids)
+
+
+def _identity_problem(
+    key: bytes | None, members: Mapping[int, bytes], taken: set[int]
+) -> str | None:
+    if key is None:
+        return "it reported no identity key (not provisioned)"
+    secagg_id = node_id_for(key)
+    if members.get(secagg_id) != key:
+        return f"its identity key {key.hex()[:16]}... is not a member of the federation roster"
+    if secagg_id in taken:
+        return "another connected node already presented the same identity"
+    return None
 
 
 def _write_nodes_file(

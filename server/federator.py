@@ -41,12 +41,16 @@ from aggregation.dp import secure_generator
 from aggregation.pipeline import Aggregator, RoundInput, build_aggregator
 from aggregation.privacy import DpUnit, WorkloadKind
 from aggregation.reliability import RoundObservation, RoundReliability, RunVerdict
+from aggregation.secagg import Roster as SecAggRoster
 from aggregation.secagg import SecAggParams
 from aggregation.secagg.server import MessageHook
 from clients.protocol import Work
 from manifests.confighash import training_config_hash
 from manifests.jobspec import JobSpec
+from manifests.keys import SigningKey, TrustedKeys
 from manifests.manifest import DPParameters, Provenance, Reliability, SecAggParameters
+from manifests.roster import Roster, RosterError, verify_roster
+from manifests.signed_job import SignedJobError, sign_job, verify_signed_job
 from server.artifact import build_artifact, software_versions
 from server.checkpoint import (
     Checkpoint,
@@ -109,6 +113,9 @@ class _Setup:
     aggregators: Mapping[Work, Aggregator]
     accountant: PrivacyAccountant | None
     node_types: Mapping[int, str]
+    envelope: bytes
+    roster: SecAggRoster
+    secagg_ids: Mapping[int, int]
 
 
 class _Run:
@@ -277,16 +284,53 @@ class _Run:
         floor = MIN_SECURE_GROUP if self.level.uses_secure_agg else 1
         return max(floor, self.options.min_nodes or fed.clients_per_round or floor)
 
+    def _federation(self) -> tuple[Roster, bytes]:
+        """The verified roster and the operator-signed job the nodes will check."""
+        options, now = self.options, datetime.now(UTC)
+        if options.roster is None or options.trusted_keys is None:
+            raise _Stop(
+                "the run has no federation roster or no trusted operator keys: nodes take part "
+                "only in authenticated rounds of a signed job (provision the federation; "
+                "RunOptions.roster and trusted_keys, or fedbrain.roster / fedbrain.trusted-keys)",
+                failed=True,
+            )
+        try:
+            trusted = TrustedKeys.load(options.trusted_keys)
+            roster = verify_roster(options.roster.read_bytes(), trusted, now=now)
+        except (OSError, ValueError, RosterError) as exc:
+            raise _Stop(f"the federation roster cannot be used: {exc}", failed=True) from None
+        envelope = options.job_envelope
+        if envelope is None:
+            if options.signing_key is None:
+                raise _Stop(
+                    "the job is not signed and the server holds no signing key to sign it",
+                    failed=True,
+                )
+            key = SigningKey.from_pem(options.signing_key.read_bytes())
+            envelope = sign_job(self.job, key, federation=roster.federation, issued_at=now)
+        try:
+            signed = verify_signed_job(envelope, trusted, now=now, federation=roster.federation)
+        except SignedJobError as exc:
+            raise _Stop(f"the signed job cannot be used: {exc}", failed=True) from None
+        if signed.job.to_run_config() != self.job.to_run_config():
+            raise _Stop("the signed job is not the job this run was asked to run", failed=True)
+        self.notes.append(f"job {signed.job_id[:19]}... signed by {signed.keyid[:19]}...")
+        return roster, envelope
+
     def _setup(self) -> _Setup:
         job = self.job
         try:
             workload = workload_for(job, seed=self.options.seed)
         except ValueError as exc:
             raise _Stop(f"the job cannot run: {exc}", failed=True) from None
+        roster, envelope = self._federation()
+        members = roster.members(datetime.now(UTC))
         try:
             found = discover_nodes(
                 self.grid,
                 job,
+                envelope=envelope,
+                members=members,
                 fingerprint=workload.fingerprint,
                 needed=self._needed_nodes(),
                 wait_timeout=self.options.node_wait_timeout,
@@ -315,7 +359,16 @@ class _Run:
                 delta=plan.privacy.delta,
                 epsilon_budget=plan.privacy.epsilon_budget,
             )
-        return _Setup(workload, plan, aggregators, accountant, found.node_types)
+        return _Setup(
+            workload,
+            plan,
+            aggregators,
+            accountant,
+            found.node_types,
+            envelope,
+            SecAggRoster(members),
+            dict(found.secagg_ids),
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -412,10 +465,13 @@ class _Run:
         if setup.accountant is not None and point.accountant is not None:
             setup.accountant.load_state_dict(point.accountant)
 
-    def _collector(self) -> Collector:
+    def _collector(self, setup: _Setup) -> Collector:
         return Collector(
             self.grid,
             self.job,
+            envelope=setup.envelope,
+            roster=setup.roster,
+            secagg_ids=setup.secagg_ids,
             round_timeout=self.options.round_timeout,
             run_id=int(self.grid.run.run_id),
             seed=_derived_seed(self.options.seed, 0, _Seed.SECAGG),
@@ -427,7 +483,7 @@ class _Run:
         self, setup: _Setup, number: int, work: Work, nodes: list[int], emit_round: int
     ) -> Collected:
         workload = setup.workload
-        collector = self._collector()
+        collector = self._collector(setup)
 
         def on_stage(stage: str, seconds: float, metrics: Mapping[str, float]) -> None:
             self.emit(

@@ -27,6 +27,11 @@ class RunOptions:
     seconds to wait for enough nodes to connect. ``min_nodes``: nodes the run waits for
     (default: the job's clients per round). ``stop_on_aborted_round``: when a round aborts
     (too few survivors), stop the run (True) or go on with the next round (False).
+    ``roster``: the operator-signed federation roster (``manifests.roster``), verified with
+    ``trusted_keys``; only its members take part. ``job_envelope``: the job as an operator
+    signed it (``manifests.signed_job``); without one, the server signs the job with
+    ``signing_key`` itself (simulations, where the operator runs the server). Nodes work only
+    for a signed job that their own policy accepts.
     """
 
     run_dir: Path
@@ -41,6 +46,8 @@ class RunOptions:
     min_nodes: int | None = None
     stop_on_aborted_round: bool = False
     run_id: str | None = None
+    roster: Path | None = None
+    job_envelope: bytes | None = None
 
 
 class EventKind(StrEnum):

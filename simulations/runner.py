@@ -45,6 +45,7 @@ from manifests.demo import write_keys
 from manifests.keys import KeyVerificationError, SigningKey, TrustedKeys
 from manifests.verify import BundleVerificationError, verify_bundle
 from server.options import JobOutcome, JobStatus, ProgressEvent, RunOptions
+from simulations.federation import SimulatedFederation, provision_scenario
 from simulations.scenario import (
     NodeGroup,
     PartitionKind,
@@ -519,9 +520,13 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 def node_configs(
-    scenario: Scenario, job: ScenarioJob, dirs: Mapping[int, Path]
+    scenario: Scenario,
+    job: ScenarioJob,
+    dirs: Mapping[int, Path],
+    kits: Mapping[str, Path] | None = None,
 ) -> dict[int, NodeConfig]:
-    """Partition id -> ``clients.node.NodeConfig`` for the job's node type."""
+    """Partition id -> ``clients.config.NodeConfig`` for the job's node type (each with its
+    kit, by node name, when ``kits`` is given)."""
     from clients.config import Fault, NodeConfig
 
     configs: dict[int, NodeConfig] = {}
@@ -531,6 +536,7 @@ def node_configs(
             data_dir=dirs[node.index],
             name=node.name,
             faults=tuple(Fault.parse(f) for f in node.faults),
+            kit=None if kits is None else kits[node.name],
         )
     return configs
 
@@ -612,6 +618,7 @@ def run_job(
     out: Path,
     dirs: Mapping[int, Path],
     keys: KeyFiles,
+    federation: SimulatedFederation,
     resume: bool = False,
     verbose: bool = False,
     progress: ProgressCallback | None = None,
@@ -635,6 +642,7 @@ def run_job(
         resume=resume,
         round_timeout=settings.round_timeout,
         node_wait_timeout=settings.node_wait_timeout,
+        roster=federation.roster,
     )
     outcomes: list[JobOutcome] = []
     result = JobResult(job=job)
@@ -643,7 +651,7 @@ def run_job(
         server_app = make_server_app(
             job.spec, options, progress=_guarded(progress), outcomes=outcomes
         )
-        client_app = make_client_app(node_configs(scenario, job, dirs))
+        client_app = make_client_app(node_configs(scenario, job, dirs, federation.kits))
         with _quiet(verbose):
             run_simulation(
                 server_app=server_app,
@@ -710,6 +718,13 @@ def run_scenario(
     keys = prepare_keys(out / "keys")
     result = SimulationResult(scenario=scenario, out=out, keys=keys)
     dirs = materialize_data(scenario, out)
+    federation = provision_scenario(
+        scenario,
+        out,
+        operator_key=keys.signing_key,
+        trusted_keys=keys.trusted_keys,
+        resume=resume,
+    )
     previous = _previous(out) if resume else {}
     for number, job in enumerate(scenario.jobs, start=1):
         if on_job_start is not None:
@@ -728,6 +743,7 @@ def run_scenario(
                 out=out,
                 dirs=dirs,
                 keys=keys,
+                federation=federation,
                 resume=resume,
                 verbose=verbose,
                 progress=progress,

@@ -32,10 +32,18 @@ FORBIDDEN: Final[dict[str, tuple[str, ...]]] = {
     "server": ("simulations",),
 }
 SHARED_CLIENT_MODULES: Final = frozenset(
-    {"clients", "clients.protocol", "clients.jobs", "clients.models", "clients.sensing"}
+    {
+        "clients",
+        "clients.protocol",
+        "clients.jobs",
+        "clients.models",
+        "clients.sensing",
+        "clients.credentials",
+    }
 )
 """What the server may import from ``clients``: the job interpretation, the wire contract, the
-model builders (the server builds the global model) and the normalizer math."""
+model builders (the server builds the global model), the normalizer math, and the layout of a
+node's kit (which provisioning writes)."""
 
 
 def _modules(package: str) -> list[Path]:

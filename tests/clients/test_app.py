@@ -1,8 +1,11 @@
-"""The real ClientApp, called as Flower calls it (``app(message, context)``): eligibility
-without example counts, clear-text fit and evaluation with only the allowed metrics, refusal
-of clear text under secure aggregation, secure collections driven by the SecAgg+ server session
-and decoded from the ring, distributed DP noise, DP-SGD calibrated on the node, session order,
-secret sampling, and injected faults and malformed messages as error replies."""
+"""The real ClientApp, called as Flower calls it (``app(message, context)``), on provisioned
+nodes (each with its kit) and jobs the operator signed: eligibility without example counts,
+refusal of jobs no trusted operator signed, clear-text fit and evaluation with only the allowed
+metrics, refusal of clear text under secure aggregation, secure collections driven by the
+authenticated SecAgg+ server session (nodes addressed by their identity-derived ids) and
+decoded from the ring, distributed DP noise and the survivor sets a node refuses to sign for
+it, DP-SGD calibrated on the node, session order, secret sampling, and injected faults and
+malformed messages as error replies."""
 
 from __future__ import annotations
 
@@ -10,10 +13,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import base64
 import itertools
+import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,6 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    ConfigRecordValues,
     Context,
     Error,
     Message,
@@ -40,15 +46,16 @@ from flwr.common.serde import (
 from aggregation.accountant import SubsampledGaussianEvent, compute_epsilon
 from aggregation.codec import Metric, RingLayout, Summed, sum_contributions
 from aggregation.secagg import (
-    SecAggMessage,
+    Roster,
     SecAggParams,
     ServerSession,
     Stage,
-    message_from_record,
+    node_id_for,
 )
 from clients import protocol
 from clients.app import STATE_DP, STATE_SECAGG, STATE_SECAGG_ROUND, make_client_app
 from clients.config import NodeConfig
+from clients.credentials import IDENTITY_FILE, load_identity
 from clients.datasets import model_data, moment_rows, sensing_values
 from clients.demo_data import write_demo_dataset
 from clients.jobs import (
@@ -69,6 +76,11 @@ from clients.protocol import RoundConfig, Work
 from clients.sensing import IOT_RANGES, FeatureRanges, normalizer_from_centred_sum
 from manifests.catalog import NodeType
 from manifests.jobspec import JobSpec
+from manifests.keys import SigningKey, TrustedKeys
+from manifests.roster import verify_roster
+from manifests.signed_job import sign_job
+from server.provision import OPEN_POLICY
+from tests.support.federation import Federation, provision
 
 RUN_ID = 4
 _IDS = itertools.count()
@@ -154,17 +166,15 @@ def named(record: ArrayRecord) -> list[tuple[str, np.ndarray]]:
     return list(zip(record.keys(), protocol.record_to_weights(record), strict=True))
 
 
-def content(job: JobSpec, rnd: RoundConfig | None = None, **arrays: ArrayRecord) -> RecordDict:
-    records: dict[str, ConfigRecord | ArrayRecord] = {protocol.JOB: job_record(job)}
+def content(envelope: bytes, rnd: RoundConfig | None = None, **arrays: ArrayRecord) -> RecordDict:
+    """A message's content: the signed job (``envelope``), the round and any arrays."""
+    records: dict[str, ConfigRecord | ArrayRecord] = {
+        protocol.SIGNED_JOB: protocol.signed_job_record(envelope)
+    }
     if rnd is not None:
         records[protocol.ROUND] = rnd.to_record()
     records.update(arrays)
     return RecordDict(records)  # type: ignore[arg-type]
-
-
-def job_record(job: JobSpec, **overrides: ConfigRecordValues) -> ConfigRecord:
-    values: dict[str, ConfigRecordValues] = {**job.to_run_config(), **overrides}
-    return ConfigRecord(values)
 
 
 def error_reason(reply: Message) -> str:
@@ -193,18 +203,60 @@ def dp_steps(ctx: Context) -> list[SubsampledGaussianEvent]:
     ]
 
 
+# ----------------------------------------------------------------------- provisioned nodes
+
+
+@dataclass
+class Nodes:
+    """Provisioned nodes: the federation (operator key, signed roster, one kit per node) and
+    each partition's node config (with its kit)."""
+
+    federation: Federation
+    configs: dict[int, NodeConfig]
+    _signed: dict[str, bytes] = field(default_factory=dict)
+
+    def sign(self, job: JobSpec) -> bytes:
+        """The job as the operator signed it (once per job: one envelope, one job id)."""
+        key = json.dumps(job.to_run_config(), sort_keys=True)
+        if key not in self._signed:
+            self._signed[key] = self.federation.sign(job)
+        return self._signed[key]
+
+    def identity_key(self, partition: int) -> bytes:
+        """The public identity key in the kit of ``partition``'s node."""
+        return load_identity(self.federation.kits[partition] / IDENTITY_FILE).public_key
+
+    def secagg_id(self, partition: int) -> int:
+        """The SecAgg+ id of ``partition``'s node (derived from its identity key)."""
+        return node_id_for(self.identity_key(partition))
+
+    def roster(self) -> Roster:
+        """The SecAgg+ roster of the operator-signed roster's members valid now."""
+        now = datetime.now(UTC)
+        trusted = TrustedKeys.load(self.federation.trusted_keys)
+        verified = verify_roster(self.federation.roster.read_bytes(), trusted, now=now)
+        return Roster(verified.members(now))
+
+
 def write_nodes(
-    tmp_path: Path, modality: str, node_type: NodeType, sizes: tuple[int, ...]
-) -> dict[int, NodeConfig]:
-    nodes = {}
+    tmp_path: Path,
+    modality: str,
+    node_type: NodeType,
+    sizes: tuple[int, ...],
+    *,
+    policy: str | None = OPEN_POLICY,
+) -> Nodes:
+    """A provisioned federation of ``len(sizes)`` nodes with demo data of those sizes."""
+    federation = provision(tmp_path / "federation", len(sizes), node_type, policy=policy)
+    folders = []
     for k, n in enumerate(sizes):
         write_demo_dataset(modality, tmp_path / f"{modality}{k}" / modality, n, seed=k)
-        nodes[k] = NodeConfig(node_type, tmp_path / f"{modality}{k}", name=f"{modality}{k}")
-    return nodes
+        folders.append(tmp_path / f"{modality}{k}")
+    return Nodes(federation, federation.node_configs(folders))
 
 
 @pytest.fixture
-def encoders(tmp_path: Path) -> dict[int, NodeConfig]:
+def encoders(tmp_path: Path) -> Nodes:
     return write_nodes(tmp_path, "vision", NodeType.ENCODER, (20, 20, 20))
 
 
@@ -216,61 +268,131 @@ def secure_layout(job: JobSpec, work: Work, group_size: int) -> RingLayout:
 
 
 def secagg_params(vector_length: int, num_clients: int = 3) -> SecAggParams:
+    """Everyone neighbours everyone; threshold t with 2t > k + 1 (the nodes' default policy)."""
     return SecAggParams(
         num_clients=num_clients,
         num_neighbours=num_clients - 1,
-        threshold=2,
+        threshold=num_clients // 2 + 1,
         vector_length=vector_length,
         clipping_range=1.0,  # unused: nodes mask their own ring vectors
     )
 
 
+def server_session(nodes: Nodes, vector_length: int, session: int) -> ServerSession:
+    """An authenticated server session of the first three nodes (by their SecAgg+ ids)."""
+    return ServerSession(
+        secagg_params(vector_length, 3),
+        run_id=RUN_ID,
+        server_round=session,
+        node_ids=[nodes.secagg_id(p) for p in range(3)],
+        rng=np.random.default_rng(0),
+        roster=nodes.roster(),
+    )
+
+
+@dataclass
+class Driven:
+    """One SecAgg+ session driven through the apps: the server's session, and by stage the
+    nodes (Flower ids) that answered with an error, with the reason."""
+
+    session: ServerSession
+    errors: dict[Stage, dict[int, str]]
+
+
+def drive_secure_collection(
+    app: App,
+    nodes: Nodes,
+    contexts: dict[int, Context],
+    job: JobSpec,
+    rnd: RoundConfig,
+    weights: ArrayRecord | None = None,
+    *,
+    before_masked: Callable[[int, RecordDict], None] | None = None,
+    silent_in_masked_input: Collection[int] = (),
+    until: Stage = Stage.UNMASK,
+) -> Driven:
+    """Drive the authenticated SecAgg+ protocol through the apps as the server does: the
+    session addresses nodes by their identity-derived SecAgg+ ids and the messages go to their
+    Flower ids (``contexts``' keys); stage by stage (``session.stages()``) up to ``until``, each
+    request out, each reply in -- an error reply, or a node in ``silent_in_masked_input`` at
+    that stage, is rejected as a dropout with its reason."""
+    layout = secure_layout(job, rnd.work, len(contexts))
+    secagg_ids = {
+        node: nodes.secagg_id(int(ctx.node_config["partition-id"]))
+        for node, ctx in contexts.items()
+    }
+    transport = {secagg_id: node for node, secagg_id in secagg_ids.items()}
+    session = ServerSession(
+        secagg_params(layout.length, len(contexts)),
+        run_id=RUN_ID,
+        server_round=rnd.secagg_round,
+        node_ids=sorted(transport),
+        rng=np.random.default_rng(0),
+        roster=nodes.roster(),
+    )
+    assert session.authenticated
+    envelope = nodes.sign(job)
+    errors: dict[Stage, dict[int, str]] = {}
+    for stage, open_stage in session.stages():
+        for secagg_id, request in open_stage().items():
+            node = transport[secagg_id]
+            if stage is Stage.MASKED_INPUT and node in silent_in_masked_input:
+                session.reject(secagg_id, "no reply before the timeout")
+                continue
+            extra = {protocol.WEIGHTS: weights} if stage is Stage.MASKED_INPUT and weights else {}
+            body = content(envelope, rnd, **extra)
+            protocol.secagg_to_content(request.to_record(), body)
+            if stage is Stage.MASKED_INPUT and before_masked is not None:
+                before_masked(node, body)
+            msg = message(protocol.secagg_message_type(rnd.work.category, stage), body, node)
+            reply, contexts[node] = over_the_wire(app, msg, contexts[node])
+            if reply.has_error():
+                errors.setdefault(stage, {})[node] = error_reason(reply)
+                session.reject(secagg_id, f"error reply: {reply.error.reason}")
+                continue
+            # Under secure aggregation nothing but the SecAgg+ records leaves a node.
+            assert set(reply.content) == {protocol.SECAGG, protocol.SECAGG_ARRAYS}
+            session.receive_record(secagg_id, protocol.secagg_from_content(reply.content))
+        if stage is until:
+            break
+    return Driven(session, errors)
+
+
 def run_secure_collection(
     app: App,
+    nodes: Nodes,
     contexts: dict[int, Context],
     job: JobSpec,
     rnd: RoundConfig,
     weights: ArrayRecord | None = None,
     before_masked: Callable[[int, RecordDict], None] | None = None,
 ) -> Summed:
-    """Drive one SecAgg+ session through the apps (server session -> messages -> replies) and
+    """Drive one whole SecAgg+ session through the apps (every node answers every stage) and
     decode the unmasked sum as the server does."""
-    layout = secure_layout(job, rnd.work, len(contexts))
-    server = ServerSession(
-        secagg_params(layout.length, len(contexts)),
-        run_id=RUN_ID,
-        server_round=rnd.secagg_round,
-        node_ids=sorted(contexts),
-        rng=np.random.default_rng(0),
+    driven = drive_secure_collection(
+        app, nodes, contexts, job, rnd, weights, before_masked=before_masked
     )
-    stages: list[tuple[Stage, Callable[[], Mapping[int, SecAggMessage]]]] = [
-        (Stage.ADVERTISE_KEYS, server.advertise_keys),
-        (Stage.SHARE_KEYS, server.share_keys),
-        (Stage.MASKED_INPUT, server.masked_input),
-        (Stage.UNMASK, server.unmask),
+    assert driven.errors == {}
+    session = driven.session
+    assert [stage for stage, _ in session.stages()] == [
+        Stage.ADVERTISE_KEYS,
+        Stage.SHARE_KEYS,
+        Stage.MASKED_INPUT,
+        Stage.CONSISTENCY_CHECK,
+        Stage.UNMASK,
     ]
-    for stage, open_stage in stages:
-        for node, request in open_stage().items():
-            extra = {protocol.WEIGHTS: weights} if stage is Stage.MASKED_INPUT and weights else {}
-            body = content(job, rnd, **extra)
-            protocol.secagg_to_content(request.to_record(), body)
-            if stage is Stage.MASKED_INPUT and before_masked is not None:
-                before_masked(node, body)
-            msg = message(protocol.secagg_message_type(rnd.work.category, stage), body, node)
-            reply, contexts[node] = over_the_wire(app, msg, contexts[node])
-            assert not reply.has_error(), reply.error
-            # Under secure aggregation nothing but the SecAgg+ records leaves a node.
-            assert set(reply.content) == {protocol.SECAGG, protocol.SECAGG_ARRAYS}
-            server.receive(message_from_record(protocol.secagg_from_content(reply.content)))
-    result = server.result()
-    assert sorted(result.contributors) == sorted(contexts)
+    result = session.result()
+    assert sorted(result.contributors) == sorted(
+        nodes.secagg_id(int(ctx.node_config["partition-id"])) for ctx in contexts.values()
+    )
+    layout = secure_layout(job, rnd.work, len(contexts))
     return layout.decode(
         result.total, rotation_seed=protocol.rotation_seed(RUN_ID, rnd.secagg_round)
     )
 
 
 def own_sums(
-    nodes: Mapping[int, NodeConfig],
+    nodes: Nodes,
     ids: Mapping[int, int],
     job: JobSpec,
     rnd: RoundConfig,
@@ -279,7 +401,7 @@ def own_sums(
     """The sum of the nodes' own clear-text contributions (what the secure sum must equal)."""
     arrays = named(weights) if weights is not None else None
     parts = [
-        Node(nodes[p], node_id=n)
+        Node(nodes.configs[p], node_id=n)
         .contribution(job, rnd, arrays, NodeState())
         .summed(metrics_for(job, rnd.work))
         for n, p in ids.items()
@@ -291,21 +413,20 @@ def own_sums(
 
 
 def test_node_info_says_eligible_or_why_not_and_never_reports_an_example_count(
-    tmp_path: Path, encoders: dict[int, NodeConfig]
+    tmp_path: Path, encoders: Nodes
 ) -> None:
     write_demo_dataset("vision", tmp_path / "big" / "vision", 60, seed=5)
-    nodes = {
-        0: encoders[0],
-        1: NodeConfig(NodeType.ENCODER, tmp_path / "big"),
-        2: NodeConfig(NodeType.SENSING, encoders[0].data_dir),
-        3: NodeConfig(NodeType.ENCODER, tmp_path / "missing"),
-    }
+    federation = provision(tmp_path / "four", 4, NodeType.ENCODER)
+    data = [encoders.configs[0].data_dir, tmp_path / "big", encoders.configs[0].data_dir]
+    nodes = federation.node_configs([*data, tmp_path / "missing"])
+    nodes[2] = replace(nodes[2], node_type=NodeType.SENSING)
     app = make_client_app(nodes)
     job = vit_job()
+    envelope = federation.sign(job)
     records = []
     for partition in range(4):
         reply = app(
-            message(protocol.NODE_INFO, content(job), 10 + partition),
+            message(protocol.NODE_INFO, content(envelope), 10 + partition),
             context(10 + partition, partition),
         )
         assert not reply.has_error(), reply.error
@@ -316,51 +437,120 @@ def test_node_info_says_eligible_or_why_not_and_never_reports_an_example_count(
         assert all(isinstance(v, str | bool) for v in record.values())  # no count anywhere
     infos = [protocol.NodeInfo.from_record(r) for r in records]
     assert infos[0].eligible and infos[0].model_fingerprint.startswith("sha256:")
-    assert infos[0] == infos[1]  # 10 and 30 training examples: nothing tells them apart
+    # 10 and 30 training examples: nothing but the nodes' identities tells them apart.
+    assert replace(infos[0], identity_key="") == replace(infos[1], identity_key="")
     assert not infos[2].eligible and "for encoder nodes; this is a sensing node" in infos[2].reason
     assert not infos[3].eligible and "does not exist" in infos[3].reason
+    # Eligible or not, each node says who it is: the identity key of its kit.
+    keys = [load_identity(kit / IDENTITY_FILE).public_key for kit in federation.kits]
+    assert [info.identity_public_key for info in infos] == keys
 
 
 def test_deployed_app_reads_its_node_from_the_supernode_config(tmp_path: Path) -> None:
     write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
+    federation = provision(tmp_path / "federation", 1, NodeType.ENCODER)
+    envelope = federation.sign(vit_job())
     app = make_client_app()
     ctx = Context(
         run_id=RUN_ID,
         node_id=5,
         state=RecordDict(),
         run_config={},
-        node_config={"node-type": "encoder", "data-dir": str(tmp_path)},
+        node_config={
+            "node-type": "encoder",
+            "data-dir": str(tmp_path),
+            "kit": str(federation.kits[0]),
+        },
     )
-    reply = app(message(protocol.NODE_INFO, content(vit_job()), 5), ctx)
+    reply = app(message(protocol.NODE_INFO, content(envelope), 5), ctx)
     assert reply.content.config_records[protocol.NODE_INFO_RECORD]["eligible"] is True
-    ctx.node_config = {"node-type": "sensing", "data-dir": str(tmp_path)}
-    reply = app(message(protocol.NODE_INFO, content(vit_job()), 5), ctx)
+    ctx.node_config = {**ctx.node_config, "node-type": "sensing"}
+    reply = app(message(protocol.NODE_INFO, content(envelope), 5), ctx)
     assert reply.content.config_records[protocol.NODE_INFO_RECORD]["eligible"] is False
+    ctx.node_config = {"node-type": "encoder", "data-dir": str(tmp_path)}  # no kit
+    info = app(message(protocol.NODE_INFO, content(envelope), 5), ctx).content.config_records[
+        protocol.NODE_INFO_RECORD
+    ]
+    assert info["eligible"] is False and "this node is not provisioned" in str(info["reason"])
     ctx.node_config = {"data-dir": str(tmp_path)}
-    reason = error_reason(app(message(protocol.NODE_INFO, content(vit_job()), 5), ctx))
+    reason = error_reason(app(message(protocol.NODE_INFO, content(envelope), 5), ctx))
     assert "NodeConfigError" in reason and "node-type: is required" in reason
 
 
-def test_simulation_app_refuses_a_partition_it_has_no_node_for(
-    encoders: dict[int, NodeConfig],
-) -> None:
-    app = make_client_app(encoders)
-    reason = error_reason(app(message(protocol.NODE_INFO, content(vit_job()), 9), context(9, 7)))
+def test_simulation_app_refuses_a_partition_it_has_no_node_for(encoders: Nodes) -> None:
+    app = make_client_app(encoders.configs)
+    body = content(encoders.sign(vit_job()))
+    reason = error_reason(app(message(protocol.NODE_INFO, body, 9), context(9, 7)))
     assert "No node is configured for partition 7" in reason
+
+
+# ----------------------------------------------------------------------- signed jobs
+
+
+def _tampered(envelope: bytes) -> bytes:
+    """The envelope with one job field changed after signing (a server raising the rounds)."""
+    document = json.loads(envelope)
+    payload = json.loads(base64.b64decode(document["payload"]))
+    payload["job"]["federation.num_rounds"] = 50
+    document["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    return json.dumps(document).encode()
+
+
+def test_a_job_not_signed_by_a_trusted_operator_is_refused_at_node_info_and_at_fit(
+    encoders: Nodes,
+) -> None:
+    app = make_client_app(encoders.configs)
+    job = vit_job(dp={"clipping_norm": 0.05})
+    weights = weights_record(job)
+    rnd = RoundConfig(server_round=1, seed=3)
+    now = datetime.now(UTC)
+    operator = SigningKey.from_pem(encoders.federation.signing_key.read_bytes())
+    genuine = encoders.sign(job)
+    assert (
+        "federation.num_rounds"
+        in json.loads(base64.b64decode(json.loads(genuine)["payload"]))["job"]
+    )
+    forged = {
+        "tampered": (_tampered(genuine), "DSSE signature does not verify under trusted key"),
+        "another key": (
+            sign_job(job, SigningKey.generate(), federation="test-federation", issued_at=now),
+            "is not in the trusted-keys file",
+        ),
+        "another federation": (
+            sign_job(job, operator, federation="other-federation", issued_at=now),
+            "signed for federation 'other-federation'; this node belongs to 'test-federation'",
+        ),
+    }
+    ctx = context(10, 0)
+    for case, (envelope, why) in forged.items():
+        reply = app(message(protocol.NODE_INFO, content(envelope), 10), ctx)
+        info = protocol.NodeInfo.from_record(
+            reply.content.config_records[protocol.NODE_INFO_RECORD]
+        )
+        assert not info.eligible and info.model_fingerprint == "", case
+        assert why in info.reason, (case, info.reason)
+        reason = error_reason(
+            app(message(protocol.FIT, content(envelope, rnd, weights=weights), 10), ctx)
+        )
+        assert "JobRefusedError" in reason and why in reason, (case, reason)
+    assert ctx.state.config_records == {}  # nothing was trained or started
+    reply = app(message(protocol.FIT, content(genuine, rnd, weights=weights), 10), ctx)
+    assert not reply.has_error(), reply.error  # the operator's own envelope is accepted
 
 
 # ------------------------------------------------------------------------------ fit
 
 
 def test_clear_text_fit_returns_a_clipped_update_of_the_model_length_with_examples_and_loss(
-    encoders: dict[int, NodeConfig],
+    encoders: Nodes,
 ) -> None:
-    app = make_client_app(encoders)
+    app = make_client_app(encoders.configs)
     job = vit_job(dp={"clipping_norm": 0.05})  # level none, with an update bound
     weights = weights_record(job)
     length = update_length_for(job)
     rnd = RoundConfig(server_round=1, seed=3)
-    reply = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), context(10, 0))
+    body = content(encoders.sign(job), rnd, weights=weights)
+    reply = app(message(protocol.FIT, body, 10), context(10, 0))
     assert set(reply.content) == {protocol.UPDATE, protocol.METRICS}
     summed = plain_sums(reply, job, Work.FIT, update_length=length)
     assert length == sum(a.size for _, a in named(weights))
@@ -371,28 +561,27 @@ def test_clear_text_fit_returns_a_clipped_update_of_the_model_length_with_exampl
     assert 0 < loss <= 10 * loss_bound(job) and math.isfinite(loss)
 
     unclipped = vit_job()  # level none without a bound: the update is not clipped
-    reply = app(message(protocol.FIT, content(unclipped, rnd, weights=weights), 10), context(10, 0))
+    body = content(encoders.sign(unclipped), rnd, weights=weights)
+    reply = app(message(protocol.FIT, body, 10), context(10, 0))
     summed = plain_sums(reply, unclipped, Work.FIT, update_length=length)
     assert float(np.linalg.norm(summed.update)) > 0.05
 
 
-def test_clear_text_fit_under_dp_releases_only_counts(encoders: dict[int, NodeConfig]) -> None:
-    app = make_client_app(encoders)
+def test_clear_text_fit_under_dp_releases_only_counts(encoders: Nodes) -> None:
+    app = make_client_app(encoders.configs)
     rnd = RoundConfig(server_round=1, seed=3)
     node_level = vit_job(privacy_level="dp", dp=NODE_DP)
     weights = weights_record(node_level)
     length = update_length_for(node_level)
-    reply = app(
-        message(protocol.FIT, content(node_level, rnd, weights=weights), 10), context(10, 0)
-    )
+    body = content(encoders.sign(node_level), rnd, weights=weights)
+    reply = app(message(protocol.FIT, body, 10), context(10, 0))
     summed = plain_sums(reply, node_level, Work.FIT, update_length=length)
     assert summed.metrics == {Metric.CLIPPED: 1.0}  # no loss, not even a count
     assert float(np.linalg.norm(summed.update)) == pytest.approx(0.05, rel=1e-5)
 
     example_level = vit_job(**EXAMPLE_DP)
-    reply = app(
-        message(protocol.FIT, content(example_level, rnd, weights=weights), 10), context(10, 0)
-    )
+    body = content(encoders.sign(example_level), rnd, weights=weights)
+    reply = app(message(protocol.FIT, body, 10), context(10, 0))
     summed = plain_sums(reply, example_level, Work.FIT, update_length=length)
     assert set(summed.metrics) == {Metric.EXAMPLES}  # the count only, no training loss
     assert float(np.linalg.norm(summed.update)) <= 1.0 + 1e-5  # the update bound (C)
@@ -402,9 +591,9 @@ def test_clear_text_fit_under_dp_releases_only_counts(encoders: dict[int, NodeCo
 
 
 def test_clear_text_eval_returns_per_example_sums_and_the_classifier_heads_top1(
-    encoders: dict[int, NodeConfig],
+    encoders: Nodes,
 ) -> None:
-    app = make_client_app(encoders)
+    app = make_client_app(encoders.configs)
     job = vit_job()
     # A head that ignores the embedding and prefers class 3 by a margin b: every held-out
     # example is predicted as class 3, with a known cross-entropy.
@@ -414,10 +603,11 @@ def test_clear_text_eval_returns_per_example_sums_and_the_classifier_heads_top1(
     arrays["classifier.bias"] = np.where(np.arange(10) == 3, b, 0.0).astype(np.float32)
     weights = protocol.weights_to_record(list(arrays), list(arrays.values()))
     rnd = RoundConfig(server_round=1, work=Work.EVALUATE)
-    reply = app(message(protocol.EVALUATE, content(job, rnd, weights=weights), 10), context(10, 0))
+    body = content(encoders.sign(job), rnd, weights=weights)
+    reply = app(message(protocol.EVALUATE, body, 10), context(10, 0))
     assert set(reply.content) == {protocol.METRICS}  # no update, no statistics
     summed = plain_sums(reply, job, Work.EVALUATE)
-    data = model_data(job, model_spec_for_job(job), encoders[0].data_dir)
+    data = model_data(job, model_spec_for_job(job), encoders.configs[0].data_dir)
     held = [int(data.labels[i]) for i in data.held_out.indices]
     threes = held.count(3)
     assert summed.metrics[Metric.EXAMPLES] == len(held) == 10
@@ -431,7 +621,7 @@ def test_lm_eval_reports_next_byte_accuracy_and_the_public_unigram_baseline(
     tmp_path: Path,
 ) -> None:
     nodes = write_nodes(tmp_path, "lm", NodeType.INFERENCE, (30,))
-    app = make_client_app(nodes)
+    app = make_client_app(nodes.configs)
     job = JobSpec.from_mapping(
         {
             "component": "inference",
@@ -445,9 +635,8 @@ def test_lm_eval_reports_next_byte_accuracy_and_the_public_unigram_baseline(
     sums = []
     for seed in (1, 2):  # two different global models
         weights = weights_record(job, seed=seed)
-        reply = app(
-            message(protocol.EVALUATE, content(job, rnd, weights=weights), 10), context(10, 0)
-        )
+        body = content(nodes.sign(job), rnd, weights=weights)
+        reply = app(message(protocol.EVALUATE, body, 10), context(10, 0))
         sums.append(plain_sums(reply, job, Work.EVALUATE))
     for summed in sums:
         assert set(summed.metrics) == {
@@ -473,10 +662,8 @@ def test_lm_eval_reports_next_byte_accuracy_and_the_public_unigram_baseline(
 
 
 @pytest.mark.parametrize("level", ["secure-agg", "dp+secure-agg"])
-def test_secure_agg_levels_refuse_clear_text_fit_and_eval(
-    encoders: dict[int, NodeConfig], level: str
-) -> None:
-    app = make_client_app(encoders)
+def test_secure_agg_levels_refuse_clear_text_fit_and_eval(encoders: Nodes, level: str) -> None:
+    app = make_client_app(encoders.configs)
     extra: dict[str, object] = {"privacy_level": level}
     if level == "dp+secure-agg":
         extra |= {"dp": NODE_DP, "federation": {"clients_per_round": 3}}
@@ -485,27 +672,20 @@ def test_secure_agg_levels_refuse_clear_text_fit_and_eval(
     ctx = context(10, 0)
     for message_type, work in ((protocol.FIT, Work.FIT), (protocol.EVALUATE, Work.EVALUATE)):
         rnd = RoundConfig(server_round=1, work=work)
-        reply = app(message(message_type, content(job, rnd, weights=weights), 10), ctx)
-        reason = error_reason(reply)
+        body = content(encoders.sign(job), rnd, weights=weights)
+        reason = error_reason(app(message(message_type, body, 10), ctx))
         assert "SecAggRefusedError" in reason and "never in the clear" in reason
     assert STATE_DP not in ctx.state.config_records  # nothing was trained
 
 
-def test_a_node_refuses_secagg_for_a_job_without_secure_aggregation(
-    encoders: dict[int, NodeConfig],
-) -> None:
-    app = make_client_app(encoders)
+def test_a_node_refuses_secagg_for_a_job_without_secure_aggregation(encoders: Nodes) -> None:
+    app = make_client_app(encoders.configs)
     job = vit_job()
     rnd = RoundConfig(server_round=1)
-    server = ServerSession(
-        secagg_params(update_length_for(job) + 2),
-        run_id=RUN_ID,
-        server_round=rnd.secagg_round,
-        node_ids=[10, 11, 12],
-        rng=np.random.default_rng(0),
-    )
-    body = content(job, rnd)
-    protocol.secagg_to_content(server.advertise_keys()[10].to_record(), body)
+    server = server_session(encoders, update_length_for(job) + 2, rnd.secagg_round)
+    body = content(encoders.sign(job), rnd)
+    request = server.advertise_keys()[encoders.secagg_id(0)]
+    protocol.secagg_to_content(request.to_record(), body)
     reason = error_reason(app(message(protocol.SECAGG_ADVERTISE, body, 10), context(10, 0)))
     assert "uses no secure aggregation" in reason
 
@@ -514,9 +694,9 @@ def test_a_node_refuses_secagg_for_a_job_without_secure_aggregation(
 
 
 def test_secure_fit_and_eval_collections_decode_to_the_sum_of_the_nodes_own_contributions(
-    encoders: dict[int, NodeConfig],
+    encoders: Nodes,
 ) -> None:
-    app = make_client_app(encoders)
+    app = make_client_app(encoders.configs)
     job = vit_job(privacy_level="secure-agg", secagg={"quantization_range": 0.05})
     weights = weights_record(job)
     ids = dict(zip(BIG_IDS, range(3), strict=True))
@@ -535,7 +715,7 @@ def test_secure_fit_and_eval_collections_decode_to_the_sum_of_the_nodes_own_cont
         assert "must be float32" in error_reason(reply)
         assert STATE_SECAGG in contexts[node].state.config_records
 
-    total = run_secure_collection(app, contexts, job, fit, weights, malformed_first)
+    total = run_secure_collection(app, encoders, contexts, job, fit, weights, malformed_first)
     expected = own_sums(encoders, ids, job, fit, weights)
     layout = secure_layout(job, Work.FIT, 3)
     assert total.update.shape == (update_length_for(job),)
@@ -552,7 +732,7 @@ def test_secure_fit_and_eval_collections_decode_to_the_sum_of_the_nodes_own_cont
         assert STATE_SECAGG not in ctx.state.config_records  # session done: secrets dropped
 
     evaluation = RoundConfig(server_round=3, work=Work.EVALUATE)
-    total = run_secure_collection(app, contexts, job, evaluation, weights)
+    total = run_secure_collection(app, encoders, contexts, job, evaluation, weights)
     expected = own_sums(encoders, ids, job, evaluation, weights)
     assert total.update.size == 0
     assert (
@@ -569,13 +749,13 @@ def test_secure_analytics_collections_decode_ranges_then_moments_to_the_pooled_n
     tmp_path: Path,
 ) -> None:
     nodes = write_nodes(tmp_path, "iot", NodeType.SENSING, (40, 70, 25))
-    app = make_client_app(nodes)
+    app = make_client_app(nodes.configs)
     job = iot_job(privacy_level="secure-agg")
-    ids = {100 + k: k for k in nodes}
+    ids = {100 + k: k for k in nodes.configs}
     contexts = {node: context(node, p) for node, p in ids.items()}
 
     ranges = RoundConfig(server_round=1, work=Work.RANGES)
-    total = run_secure_collection(app, contexts, job, ranges)
+    total = run_secure_collection(app, nodes, contexts, job, ranges)
     expected = own_sums(nodes, ids, job, ranges, None)
     step = secure_layout(job, Work.RANGES, 3).statistics_step
     assert total.statistics.shape == expected.statistics.shape == (5 * 64,)
@@ -584,12 +764,12 @@ def test_secure_analytics_collections_decode_ranges_then_moments_to_the_pooled_n
     counts = (total.statistics * bound).reshape(5, 64).sum(axis=1)
     np.testing.assert_allclose(counts, 135, rtol=1e-3)  # every example, once per feature
 
-    values = np.concatenate([sensing_values(job, c.data_dir) for c in nodes.values()])
+    values = np.concatenate([sensing_values(job, c.data_dir) for c in nodes.configs.values()])
     low, high = values.min(axis=(0, 1)) - 1.0, values.max(axis=(0, 1)) + 1.0
     moments = RoundConfig(
         server_round=1, work=Work.MOMENTS, range_low=tuple(low), range_high=tuple(high)
     )
-    total = run_secure_collection(app, contexts, job, moments)
+    total = run_secure_collection(app, nodes, contexts, job, moments)
     expected = own_sums(nodes, ids, job, moments, None)
     bound = analytics_row_bound(job, Work.MOMENTS)
     np.testing.assert_allclose(total.statistics, expected.statistics, atol=135 * step / 2)
@@ -615,15 +795,15 @@ def _residual_variance(total: Summed, expected: Summed) -> float:
 
 
 def test_dp_secure_agg_sum_differs_from_the_noiseless_sum_by_noise_of_the_planned_variance(
-    encoders: dict[int, NodeConfig],
+    encoders: Nodes,
 ) -> None:
-    app = make_client_app(encoders)
+    app = make_client_app(encoders.configs)
     job = vit_job(privacy_level="dp+secure-agg", dp=NODE_DP, federation={"clients_per_round": 3})
     weights = weights_record(job)
     ids = dict(zip(BIG_IDS, range(3), strict=True))
     contexts = {node: context(node, p) for node, p in ids.items()}
     rnd = RoundConfig(server_round=1, seed=5)
-    total = run_secure_collection(app, contexts, job, rnd, weights)
+    total = run_secure_collection(app, encoders, contexts, job, rnd, weights)
     expected = own_sums(encoders, ids, job, rnd, weights)
 
     # Each node adds the share of min_survivors = floor(3 (1 - 0.2)) = 2 nodes: the noise of
@@ -648,16 +828,16 @@ def test_dp_secure_agg_analytics_sum_carries_the_planned_noise_on_every_statisti
     tmp_path: Path,
 ) -> None:
     nodes = write_nodes(tmp_path, "iot", NodeType.SENSING, (40, 70, 25))
-    app = make_client_app(nodes)
+    app = make_client_app(nodes.configs)
     z = 0.5
     job = iot_job(
         privacy_level="dp+secure-agg",
         dp={"unit": "example", "noise_multiplier": z, "delta": 1e-5, "planned_dropout": 0.0},
     )
-    ids = {100 + k: k for k in nodes}
+    ids = {100 + k: k for k in nodes.configs}
     contexts = {node: context(node, p) for node, p in ids.items()}
     rnd = RoundConfig(server_round=1, work=Work.RANGES)
-    total = run_secure_collection(app, contexts, job, rnd)
+    total = run_secure_collection(app, nodes, contexts, job, rnd)
     expected = own_sums(nodes, ids, job, rnd, None)
     # No planned dropout: the 3 shares together carry exactly (z * 1)^2 per statistic (rows
     # have L2 norm <= 1), 320 statistics of one release.
@@ -668,8 +848,55 @@ def test_dp_secure_agg_analytics_sum_carries_the_planned_noise_on_every_statisti
     assert abs(float(np.mean(residual))) < 5 * z / math.sqrt(residual.size)
 
 
+def test_a_node_refuses_a_consistency_check_whose_survivor_set_is_too_small_for_its_noise(
+    tmp_path: Path,
+) -> None:
+    nodes = write_nodes(tmp_path, "iot", NodeType.SENSING, (20, 20, 20, 20))
+    app = make_client_app(nodes.configs)
+    dp = {"unit": "example", "noise_multiplier": 0.5, "delta": 1e-5}
+    ids = {100 + k: k for k in nodes.configs}
+    contexts = {node: context(node, p) for node, p in ids.items()}
+
+    # No planned dropout: each node's noise share is sized for all 4 survivors. When one node
+    # drops after masking, the other three refuse to sign the survivor set of 3 -- signing it
+    # would let the server unmask a sum that carries only 3/4 of the planned noise. (3 is
+    # within the nodes' SecAgg+ minimum group: the distributed noise alone refuses it.)
+    strict = iot_job(privacy_level="dp+secure-agg", dp={**dp, "planned_dropout": 0.0})
+    assert min_survivors(strict, 4) == 4
+    ranges = RoundConfig(server_round=1, work=Work.RANGES)
+    driven = drive_secure_collection(
+        app,
+        nodes,
+        contexts,
+        strict,
+        ranges,
+        silent_in_masked_input={103},
+        until=Stage.CONSISTENCY_CHECK,
+    )
+    assert set(driven.errors) == {Stage.CONSISTENCY_CHECK}
+    refusals = driven.errors[Stage.CONSISTENCY_CHECK]
+    assert sorted(refusals) == [100, 101, 102]
+    for reason in refusals.values():
+        assert "SecAggRefusedError" in reason
+        assert "refuses to sign a survivor set of 3" in reason and "at least 4" in reason
+    assert driven.session.state.consistency_signatures == {}  # nothing to unmask with
+
+    # Sized for 3 survivors (planned dropout 0.25), the same dropout is within the plan: the
+    # three sign and their sum is unmasked.
+    planned = iot_job(privacy_level="dp+secure-agg", dp={**dp, "planned_dropout": 0.25})
+    assert min_survivors(planned, 4) == 3
+    again = RoundConfig(server_round=2, work=Work.RANGES)
+    driven = drive_secure_collection(
+        app, nodes, contexts, planned, again, silent_in_masked_input={103}
+    )
+    assert driven.errors == {}
+    assert sorted(driven.session.result().contributors) == sorted(
+        nodes.secagg_id(p) for p in (0, 1, 2)
+    )
+
+
 def test_secret_sampling_includes_data_at_rate_q_and_otherwise_contributes_zeros_and_noise(
-    encoders: dict[int, NodeConfig],
+    encoders: Nodes,
 ) -> None:
     def job_at(fraction: float) -> JobSpec:
         return vit_job(
@@ -679,7 +906,7 @@ def test_secret_sampling_includes_data_at_rate_q_and_otherwise_contributes_zeros
         )
 
     # The draw comes from the node's own CSPRNG: about a fraction q of the rounds include data.
-    node = Node(encoders[0], node_id=10)
+    node = Node(encoders.configs[0], node_id=10)
     q = 0.3
     draws = [node._included(job_at(q)) for _ in range(4000)]
     assert np.mean(draws) == pytest.approx(q, abs=0.04)
@@ -701,9 +928,9 @@ def test_secret_sampling_includes_data_at_rate_q_and_otherwise_contributes_zeros
     # ... and still adds its noise share: a round where (almost surely) no node includes its
     # data decodes to pure noise of the planned variance.
     job = job_at(1e-9)
-    app = make_client_app(encoders)
+    app = make_client_app(encoders.configs)
     contexts = {n: context(n, p) for n, p in zip(BIG_IDS, range(3), strict=True)}
-    total = run_secure_collection(app, contexts, job, rnd, weights)
+    total = run_secure_collection(app, encoders, contexts, job, rnd, weights)
     planned = 3 / min_survivors(job, 3) * (NODE_Z * NODE_C) ** 2
     assert float(np.var(total.update)) == pytest.approx(planned, rel=0.05)
     assert abs(float(np.mean(total.update))) < 5 * math.sqrt(planned / total.update.size)
@@ -719,10 +946,11 @@ def test_secret_sampling_includes_data_at_rate_q_and_otherwise_contributes_zeros
 
 
 def test_dp_sgd_noise_is_calibrated_on_the_node_and_its_events_accumulate_in_the_state(
-    encoders: dict[int, NodeConfig],
+    encoders: Nodes,
 ) -> None:
-    app = make_client_app(encoders)
+    app = make_client_app(encoders.configs)
     job = vit_job(**EXAMPLE_DP)
+    envelope = encoders.sign(job)
     weights = weights_record(job)
     ctx = context(10, 0)
     sigma = dp_sgd_noise_multiplier(job, 10)  # the node's own count: 10 training examples
@@ -730,7 +958,7 @@ def test_dp_sgd_noise_is_calibrated_on_the_node_and_its_events_accumulate_in_the
     assert (rate, steps) == (0.2, 5)
     for server_round in (1, 2):
         rnd = RoundConfig(server_round=server_round, seed=1)
-        reply = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), ctx)
+        reply = app(message(protocol.FIT, content(envelope, rnd, weights=weights), 10), ctx)
         assert not reply.has_error(), reply.error
         events = dp_steps(ctx)
         assert sum(e.steps for e in events) == steps * server_round
@@ -744,7 +972,8 @@ def test_dp_sgd_noise_is_calibrated_on_the_node_and_its_events_accumulate_in_the
 
     other = context(11, 1)  # a node that has not trained yet starts from zero
     rnd = RoundConfig(server_round=2, seed=1)
-    assert not app(message(protocol.FIT, content(job, rnd, weights=weights), 11), other).has_error()
+    body = content(envelope, rnd, weights=weights)
+    assert not app(message(protocol.FIT, body, 11), other).has_error()
     assert sum(e.steps for e in dp_steps(other)) == steps
 
 
@@ -752,42 +981,50 @@ def test_dp_sgd_noise_is_calibrated_on_the_node_and_its_events_accumulate_in_the
 
 
 def _advertise(
-    app: App, ctx: Context, job: JobSpec, rnd: RoundConfig, session: int | None = None
+    app: App,
+    nodes: Nodes,
+    ctx: Context,
+    job: JobSpec,
+    rnd: RoundConfig,
+    session: int | None = None,
 ) -> Message:
+    """Ask ``ctx``'s node (partition 0) to advertise keys for an authenticated session."""
     layout = secure_layout(job, rnd.work, 3)
-    server = ServerSession(
-        secagg_params(layout.length, 3),
-        run_id=RUN_ID,
-        server_round=rnd.secagg_round if session is None else session,
-        node_ids=[ctx.node_id, ctx.node_id + 1, ctx.node_id + 2],
-        rng=np.random.default_rng(0),
-    )
-    body = content(job, rnd)
-    protocol.secagg_to_content(server.advertise_keys()[ctx.node_id].to_record(), body)
+    server = server_session(nodes, layout.length, rnd.secagg_round if session is None else session)
+    body = content(nodes.sign(job), rnd)
+    request = server.advertise_keys()[nodes.secagg_id(0)]
+    protocol.secagg_to_content(request.to_record(), body)
     message_type = protocol.secagg_message_type(rnd.work.category, Stage.ADVERTISE_KEYS)
     return app(message(message_type, body, ctx.node_id), ctx)
 
 
 def test_a_node_refuses_an_older_or_repeated_secagg_session_and_a_mismatched_one(
-    encoders: dict[int, NodeConfig],
+    encoders: Nodes,
 ) -> None:
-    app = make_client_app(encoders)
+    app = make_client_app(encoders.configs)
     job = vit_job(privacy_level="secure-agg")
     ctx = context(10, 0)
     fit2 = RoundConfig(server_round=2)
-    assert not _advertise(app, ctx, job, fit2).has_error()
+    assert not _advertise(app, encoders, ctx, job, fit2).has_error()
     started = dict(ctx.state.config_records[STATE_SECAGG_ROUND])
     assert started["round"] == fit2.secagg_round
 
+    not_newer = f"is not newer than round {fit2.secagg_round}, which this node already took part"
     older = RoundConfig(server_round=1, work=Work.EVALUATE)
-    assert "only joins newer sessions" in error_reason(_advertise(app, ctx, job, older))
-    assert "only joins newer sessions" in error_reason(_advertise(app, ctx, job, fit2))
-    mismatched = error_reason(_advertise(app, ctx, job, fit2, session=fit2.secagg_round + 1))
+    assert not_newer in error_reason(_advertise(app, encoders, ctx, job, older))
+    assert not_newer in error_reason(_advertise(app, encoders, ctx, job, fit2))
+    mismatched = error_reason(
+        _advertise(app, encoders, ctx, job, fit2, session=fit2.secagg_round + 1)
+    )
     assert f"is for session {fit2.secagg_round + 1}" in mismatched
     assert dict(ctx.state.config_records[STATE_SECAGG_ROUND]) == started  # unchanged
+    # The last session is kept in the node's kit, not only in Flower's state: a restarted
+    # node (fresh context) still refuses to join it again.
+    restarted = context(10, 0)
+    assert not_newer in error_reason(_advertise(app, encoders, restarted, job, fit2))
 
     eval2 = RoundConfig(server_round=2, work=Work.EVALUATE)
-    assert not _advertise(app, ctx, job, eval2).has_error()  # the next collection: newer
+    assert not _advertise(app, encoders, ctx, job, eval2).has_error()  # the next: newer
     assert ctx.state.config_records[STATE_SECAGG_ROUND]["round"] == eval2.secagg_round
 
 
@@ -796,16 +1033,24 @@ def test_a_node_refuses_an_older_or_repeated_secagg_session_and_a_mismatched_one
 
 def test_injected_fault_is_an_error_reply_only_in_its_round(tmp_path: Path) -> None:
     write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
+    federation = provision(tmp_path / "federation", 1, NodeType.ENCODER)
     node = NodeConfig.from_flower(
-        {"node-type": "encoder", "data-dir": str(tmp_path), "fail-on": "evaluate.eval@2"}
+        {
+            "node-type": "encoder",
+            "data-dir": str(tmp_path),
+            "fail-on": "evaluate.eval@2",
+            "kit": str(federation.kits[0]),
+        }
     )
     app = make_client_app({0: node})
     job = vit_job()
+    envelope = federation.sign(job)
     weights = weights_record(job)
     for server_round in (1, 2, 3):
         rnd = RoundConfig(server_round=server_round, work=Work.EVALUATE)
         reply = app(
-            message(protocol.EVALUATE, content(job, rnd, weights=weights), 10), context(10, 0)
+            message(protocol.EVALUATE, content(envelope, rnd, weights=weights), 10),
+            context(10, 0),
         )
         if server_round == 2:
             reason = error_reason(reply)
@@ -815,65 +1060,65 @@ def test_injected_fault_is_an_error_reply_only_in_its_round(tmp_path: Path) -> N
             assert summed.metrics[Metric.EXAMPLES] == 10
             assert math.isfinite(summed.metrics[Metric.EVAL_LOSS])
     rnd = RoundConfig(server_round=2)
-    fit = app(message(protocol.FIT, content(job, rnd, weights=weights), 10), context(10, 0))
+    fit = app(message(protocol.FIT, content(envelope, rnd, weights=weights), 10), context(10, 0))
     assert not fit.has_error()  # another message type in the same round
 
 
-def test_malformed_messages_are_error_replies_and_leave_the_state_alone(
-    encoders: dict[int, NodeConfig],
-) -> None:
-    app = make_client_app(encoders)
+def test_malformed_messages_are_error_replies_and_leave_the_state_alone(encoders: Nodes) -> None:
+    app = make_client_app(encoders.configs)
     job = vit_job(**EXAMPLE_DP)
+    envelope = encoders.sign(job)
     weights = weights_record(job)
     ctx = context(10, 0)
     rnd = RoundConfig(server_round=1, seed=0)
-    assert not app(message(protocol.FIT, content(job, rnd, weights=weights), 10), ctx).has_error()
+    body = content(envelope, rnd, weights=weights)
+    assert not app(message(protocol.FIT, body, 10), ctx).has_error()
     before = dict(ctx.state.config_records[STATE_DP])
 
     names = list(weights.keys())
     arrays = protocol.record_to_weights(weights)
     short = protocol.weights_to_record(names[:-1], arrays[:-1])
     reshaped = protocol.weights_to_record(names, [arrays[0].reshape(-1), *arrays[1:]])
-    bad_job = content(job, rnd, weights=weights)
-    bad_job[protocol.JOB] = job_record(job, learning_rate=-1.0)
-    private_knob = content(job, rnd, weights=weights)
+    # The operator signed an invalid job (validation skipped): the node validates it itself.
+    invalid = encoders.sign(job.model_copy(update={"learning_rate": -1.0}))
+    bad_job = content(invalid, rnd, weights=weights)
+    two_values = content(envelope, rnd, weights=weights)
+    two_values[protocol.SIGNED_JOB] = ConfigRecord({"envelope": envelope, "job": b"{}"})
+    not_json = content(b"not an envelope", rnd, weights=weights)
+    private_knob = content(envelope, rnd, weights=weights)
     private_knob[protocol.ROUND] = ConfigRecord(
         {"server_round": 1, "work": "fit", "dp_noise_multiplier": 0.1}
     )
-    wrong_work = content(job, RoundConfig(server_round=1, work=Work.EVALUATE), weights=weights)
+    wrong_work = content(envelope, RoundConfig(server_round=1, work=Work.EVALUATE), weights=weights)
     cases = {
-        "no `job` ConfigRecord": RecordDict(
+        "no `signed_job` record": RecordDict(
             {protocol.ROUND: rnd.to_record(), protocol.WEIGHTS: weights}
         ),
-        "no `round` ConfigRecord": content(job, None, weights=weights),
-        "must carry the `weights` record": content(job, rnd),
-        "does not fit the job's model": content(job, rnd, weights=short),
-        "model expects": content(job, rnd, weights=reshaped),
-        "learning_rate: must be > 0": bad_job,
+        "must hold exactly one bytes value `envelope`": two_values,
+        "not signed by an operator this node trusts: envelope: invalid JSON": not_json,
+        "no `round` ConfigRecord": content(envelope, None, weights=weights),
+        "must carry the `weights` record": content(envelope, rnd),
+        "does not fit the job's model": content(envelope, rnd, weights=short),
+        "model expects": content(envelope, rnd, weights=reshaped),
+        "not a valid job spec: learning_rate: must be > 0": bad_job,
         "unknown keys ['dp_noise_multiplier']": private_knob,  # no privacy knob from the server
         "cannot carry evaluate work": wrong_work,
     }
     for expected, body in cases.items():
         reason = error_reason(app(message(protocol.FIT, body, 10), ctx))
         assert expected in reason, (expected, reason)
-    sensing_work = content(job, RoundConfig(server_round=1, work=Work.RANGES), weights=weights)
+    sensing_work = content(envelope, RoundConfig(server_round=1, work=Work.RANGES), weights=weights)
     assert "has no ranges collections" in error_reason(
         app(message(protocol.FIT, sensing_work, 10), ctx)
     )
 
     secure = vit_job(privacy_level="secure-agg")
-    secagg_in_fit = content(secure, rnd, weights=weights)
+    secagg_in_fit = content(encoders.sign(secure), rnd, weights=weights)
     reason = error_reason(app(message(protocol.SECAGG_SHARE, secagg_in_fit, 10), ctx))
     assert "no `secagg` ConfigRecord" in reason
-    server = ServerSession(
-        secagg_params(5),
-        run_id=RUN_ID,
-        server_round=rnd.secagg_round,
-        node_ids=[10, 11, 12],
-        rng=np.random.default_rng(0),
-    )
-    body = content(secure, rnd)
-    protocol.secagg_to_content(server.advertise_keys()[10].to_record(), body)
+    server = server_session(encoders, 5, rnd.secagg_round)
+    body = content(encoders.sign(secure), rnd)
+    protocol.secagg_to_content(server.advertise_keys()[encoders.secagg_id(0)].to_record(), body)
     wrong_stage = error_reason(app(message(protocol.SECAGG_SHARE, body, 10), ctx))
     assert "must carry a share_keys request; it carries: advertise_keys request" in wrong_stage
     assert "vector_length is 5" in error_reason(

@@ -1,5 +1,7 @@
 """Node logic without Flower: node config and faults, how a job reads (data folder, model,
-metrics), the hold-out split and the data cache, eligibility, and the sensing statistics
+metrics), the hold-out split and the data cache, eligibility, how a provisioned node defends
+itself (only jobs a trusted operator signed, within its policy, its lifetime budget and the
+signed number of rounds; unprovisioned, it refuses everything), and the sensing statistics
 (per-example rows, their bounds, and the normalizer the server builds from their sum)."""
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import math
+import re
 import shutil
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import pytest
@@ -18,7 +22,10 @@ import torch
 
 from aggregation.codec import Metric
 from aggregation.privacy import WorkloadKind
+from aggregation.secagg import SecAggParams, ServerSession, node_id_for
+from clients.budget import BudgetStore, dataset_key
 from clients.config import Fault, FaultInjectedError, NodeConfig, NodeConfigError
+from clients.credentials import IDENTITY_FILE, POLICY_FILE, STATE_DIR, load_identity
 from clients.data import load_images, load_sensor_csv
 from clients.datasets import (
     clear_data_cache,
@@ -41,8 +48,10 @@ from clients.jobs import (
     sensing_ranges,
     workload_for_job,
 )
+from clients.kit import JobRefusedError
 from clients.models import build_model, get_weights, model_fingerprint, weight_names
 from clients.node import Node, NodeState, public_unigram_log_probs
+from clients.policy import worst_case_privacy
 from clients.protocol import RoundConfig, Work
 from clients.sensing import (
     CAMERA_RANGES,
@@ -53,6 +62,7 @@ from clients.sensing import (
 )
 from manifests.catalog import Component, NodeType, Task
 from manifests.jobspec import JobSpec
+from tests.support.federation import Federation, provision
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "batch_size": 8}
 
@@ -81,6 +91,17 @@ def sensing_job(base_model: str, **extra: object) -> JobSpec:
 def weights_of(job: JobSpec, seed: int = 1) -> list[tuple[str, np.ndarray]]:
     model = build_model(model_spec_for_job(job), seed=seed)
     return list(zip(weight_names(model), get_weights(model), strict=True))
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Federation:
+    """An operator key, a signed roster and six node kits (policy: every level accepted)."""
+    return provision(tmp_path / "federation", 6, NodeType.ENCODER)
+
+
+def provisioned(federation: Federation, index: int, node_type: NodeType, data_dir: Path) -> Node:
+    """A node with kit ``index`` of ``federation``."""
+    return Node(NodeConfig(node_type, data_dir, kit=federation.kits[index]), node_id=index + 1)
 
 
 # ----------------------------------------------------------------------------- config
@@ -279,71 +300,239 @@ def test_model_data_holds_out_one_example_per_class_of_the_demo_data(tmp_path: P
     assert held_labels == list(range(10))
 
 
-def test_loaded_data_is_cached_until_the_cache_is_cleared(tmp_path: Path) -> None:
+def test_loaded_data_is_cached_until_the_cache_is_cleared(
+    tmp_path: Path, federation: Federation
+) -> None:
     write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
-    node = Node(NodeConfig(NodeType.ENCODER, tmp_path), node_id=1)
-    assert node.node_info(vit_job()).eligible
+    node = provisioned(federation, 0, NodeType.ENCODER, tmp_path)
+    job = federation.sign(vit_job())
+    assert node.node_info(job).eligible
     shutil.rmtree(tmp_path / "vision")
-    assert node.node_info(vit_job()).eligible  # not read again
-    assert not node.node_info(vit_job(input_size=48)).eligible  # other input spec: reads
+    assert node.node_info(job).eligible  # not read again
+    other_input = federation.sign(vit_job(input_size=48))
+    assert not node.node_info(other_input).eligible  # other input spec: reads
     clear_data_cache()
-    info = node.node_info(vit_job())
+    info = node.node_info(job)
     assert not info.eligible and "does not exist" in info.reason
 
 
 # ------------------------------------------------------------------------ eligibility
 
 
-def test_node_info_says_eligible_with_the_fingerprint_or_why_not(tmp_path: Path) -> None:
+def test_node_info_says_eligible_with_the_fingerprint_or_why_not(
+    tmp_path: Path, federation: Federation
+) -> None:
     write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
     job = vit_job()
-    info = Node(NodeConfig(NodeType.ENCODER, tmp_path), node_id=1).node_info(job)
+    signed = federation.sign(job)
+    info = provisioned(federation, 0, NodeType.ENCODER, tmp_path).node_info(signed)
     assert info.eligible and info.reason == "" and info.node_type == "encoder"
     assert info.model_fingerprint == model_fingerprint(model_spec_for_job(job))
 
-    sensing = Node(NodeConfig(NodeType.SENSING, tmp_path), node_id=2).node_info(job)
+    sensing = provisioned(federation, 1, NodeType.SENSING, tmp_path).node_info(signed)
     assert not sensing.eligible and sensing.node_type == "sensing"
     assert "for encoder nodes; this is a sensing node" in sensing.reason
 
-    empty = Node(NodeConfig(NodeType.ENCODER, tmp_path / "nothing"), node_id=3).node_info(job)
+    nothing = tmp_path / "nothing"
+    empty = provisioned(federation, 2, NodeType.ENCODER, nothing).node_info(signed)
     assert not empty.eligible and "does not exist" in empty.reason and "vision" in empty.reason
 
     (tmp_path / "odd" / "vision").mkdir(parents=True)
     shutil.copytree(tmp_path / "vision" / "00-circle", tmp_path / "odd" / "vision" / "12-star")
     shutil.copytree(tmp_path / "vision" / "01-square", tmp_path / "odd" / "vision" / "01-square")
-    labels = Node(NodeConfig(NodeType.ENCODER, tmp_path / "odd"), node_id=4).node_info(job)
+    odd = provisioned(federation, 3, NodeType.ENCODER, tmp_path / "odd")
+    labels = odd.node_info(signed)
     assert not labels.eligible and "class folders 00-... to 09-..." in labels.reason
 
+    # A job fedbrain cannot train: the node refuses it even though its operator signed it.
     detection = JobSpec.model_construct(
         component=Component.INFERENCE, base_model="yolox-s", task=Task.DETECTION
     )
-    inference = Node(NodeConfig(NodeType.INFERENCE, tmp_path), node_id=5).node_info(detection)
-    assert not inference.eligible and "cannot work for this job" in inference.reason
+    inference = provisioned(federation, 4, NodeType.INFERENCE, tmp_path)
+    refused = inference.node_info(federation.sign(detection))
+    assert not refused.eligible and "the signed job is refused" in refused.reason
+    assert "is not trainable by fedbrain yet" in refused.reason
 
-    sensor = Node(NodeConfig(NodeType.SENSING, tmp_path), node_id=6)
-    no_iot = sensor.node_info(sensing_job("iot"))
+    sensor = provisioned(federation, 5, NodeType.SENSING, tmp_path)
+    no_iot = sensor.node_info(federation.sign(sensing_job("iot")))
     assert not no_iot.eligible and "iot" in no_iot.reason
-    camera = sensor.node_info(sensing_job("camera", input_size=32))
+    camera = sensor.node_info(federation.sign(sensing_job("camera", input_size=32)))
     assert camera.eligible and camera.model_fingerprint == ""  # analytics: no model
 
 
-def test_node_info_never_reveals_how_many_examples_a_node_holds(tmp_path: Path) -> None:
+def test_node_info_never_reveals_how_many_examples_a_node_holds(
+    tmp_path: Path, federation: Federation
+) -> None:
+    signed = federation.sign(vit_job())
     infos = []
-    for name, n in (("small", 20), ("large", 60)):
+    for index, (name, n) in enumerate((("small", 20), ("large", 60))):
         write_demo_dataset("vision", tmp_path / name / "vision", n, seed=0)
-        infos.append(
-            Node(NodeConfig(NodeType.ENCODER, tmp_path / name), node_id=1).node_info(vit_job())
-        )
-    assert infos[0] == infos[1] and infos[0].eligible
-    assert all(isinstance(v, str | bool) for v in infos[0].to_record().values())  # no numbers
+        node = provisioned(federation, index, NodeType.ENCODER, tmp_path / name)
+        infos.append(node.node_info(signed).to_record())
+    assert infos[0]["identity_key"] != infos[1]["identity_key"]  # two nodes ...
+    for info in infos:
+        del info["identity_key"]
+    assert infos[0] == infos[1] and infos[0]["eligible"] is True  # ... the same otherwise
+    assert all(isinstance(v, str | bool) for v in infos[0].values())  # no numbers
 
 
-def test_iot_nodes_need_the_public_sensor_columns(tmp_path: Path) -> None:
+def test_iot_nodes_need_the_public_sensor_columns(tmp_path: Path, federation: Federation) -> None:
     (tmp_path / "iot").mkdir()
     (tmp_path / "iot" / "log.csv").write_text("timestamp,temperature_c\n0,21.5\n")
-    info = Node(NodeConfig(NodeType.SENSING, tmp_path), node_id=1).node_info(sensing_job("iot"))
+    node = provisioned(federation, 0, NodeType.SENSING, tmp_path)
+    info = node.node_info(federation.sign(sensing_job("iot")))
     assert not info.eligible and "lack the columns" in info.reason
     assert "humidity_pct" in info.reason
+
+
+# ------------------------------------------------------------------ the node's own defences
+
+RANGES: Final = RoundConfig(server_round=1, work=Work.RANGES)
+
+
+def iot_node(tmp_path: Path, policy: str | None) -> tuple[Federation, Node]:
+    """A provisioned sensing node with IoT data, holding ``policy`` (None: the safe defaults)."""
+    write_demo_dataset("iot", tmp_path / "data" / "iot", 30, seed=4)
+    federation = provision(tmp_path / "one", 1, NodeType.SENSING, policy=policy)
+    config = NodeConfig(NodeType.SENSING, tmp_path / "data", kit=federation.kits[0])
+    return federation, Node(config, node_id=1)
+
+
+def iot_dp(level: str = "dp+secure-agg", **dp: object) -> JobSpec:
+    """The IoT normalizer job with example-level DP (``dp`` overrides)."""
+    return sensing_job(
+        "iot",
+        privacy_level=level,
+        dp={"unit": "example", "target_epsilon": 4.0, "delta": 1e-5, **dp},
+    )
+
+
+def test_an_unprovisioned_node_refuses_every_job_with_the_reason(
+    tmp_path: Path, federation: Federation
+) -> None:
+    write_demo_dataset("iot", tmp_path / "iot", 30, seed=4)
+    node = Node(NodeConfig(NodeType.SENSING, tmp_path), node_id=1)  # no kit
+    why = "this node is not provisioned: it holds no kit"
+    signed = federation.sign(sensing_job("iot"))  # a job its operator did sign
+    info = node.node_info(signed)
+    assert not info.eligible and why in info.reason and info.identity_key == ""
+    with pytest.raises(JobRefusedError, match=why):
+        node.plain(signed, RANGES, None, NodeState())
+    secure = federation.sign(sensing_job("iot", privacy_level="secure-agg"))
+    params = SecAggParams(
+        num_clients=3, num_neighbours=2, threshold=2, vector_length=8, clipping_range=1.0
+    )
+    session = ServerSession(
+        params,
+        run_id=1,
+        server_round=RANGES.secagg_round,
+        node_ids=[1, 2, 3],
+        rng=np.random.default_rng(0),
+    )
+    state = NodeState()
+    with pytest.raises(JobRefusedError, match=why):
+        node.secagg(secure, RANGES, session.advertise_keys()[1], None, state)
+    assert state == NodeState()
+
+
+def test_node_info_carries_the_nodes_identity_key(tmp_path: Path, federation: Federation) -> None:
+    write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
+    identity = load_identity(federation.kits[2] / IDENTITY_FILE)
+    signed = federation.sign(vit_job())
+    node = provisioned(federation, 2, NodeType.ENCODER, tmp_path)
+    info = node.node_info(signed)
+    assert info.eligible and info.identity_key == identity.public_key.hex()
+    # The key the roster lists for this node, and so its SecAgg+ id.
+    assert node.kit.credentials.entry.identity_key == info.identity_public_key
+    assert info.identity_public_key is not None
+    assert node_id_for(info.identity_public_key) == identity.node_id
+    # An ineligible node still says who it is; another kit is another identity.
+    wrong_type = provisioned(federation, 2, NodeType.SENSING, tmp_path).node_info(signed)
+    assert not wrong_type.eligible and wrong_type.identity_key == info.identity_key
+    other = provisioned(federation, 3, NodeType.ENCODER, tmp_path).node_info(signed)
+    assert other.identity_key not in ("", info.identity_key)
+
+
+def test_the_nodes_policy_refuses_a_job_outside_it_with_the_reason(tmp_path: Path) -> None:
+    federation, node = iot_node(tmp_path, policy=None)  # the safe defaults
+    refused = {
+        "privacy level none is below the minimum dp+secure-agg of rule default": sensing_job("iot"),
+        "exceeds max_epsilon 10 of rule default": iot_dp(target_epsilon=None, noise_multiplier=1.0),
+        "delta 0.0001 exceeds max_delta 1e-05": iot_dp(delta=1e-4),
+    }
+    for why, job in refused.items():
+        signed = federation.sign(job)
+        info = node.node_info(signed)
+        assert not info.eligible, why
+        assert "this node's policy refuses the job: " in info.reason and why in info.reason
+        with pytest.raises(JobRefusedError, match=re.escape(why)):
+            node.plain(signed, RANGES, None, NodeState())
+    dataset = dataset_key(tmp_path / "data" / "iot", "iot")
+    assert node.kit.budget.spent(dataset) == (0.0, 0.0)  # nothing was charged
+    assert node.node_info(federation.sign(iot_dp())).eligible  # within the policy
+
+
+LAX: Final = '[default]\nmin_privacy_level = "dp"\nmax_epsilon = {}\n'
+
+
+def test_a_policy_tightened_while_the_node_runs_applies_to_a_job_it_already_accepted(
+    tmp_path: Path,
+) -> None:
+    federation, node = iot_node(tmp_path, policy=LAX.format(8.0))
+    signed = federation.sign(iot_dp("dp", target_epsilon=6.0))
+    assert node.node_info(signed).eligible
+    node.plain(signed, RANGES, None, NodeState())
+    (federation.kits[0] / POLICY_FILE).write_text(LAX.format(5.0))
+    assert "exceeds max_epsilon 5" in node.node_info(signed).reason
+    with pytest.raises(JobRefusedError, match="exceeds max_epsilon 5"):
+        node.plain(signed, RANGES, None, NodeState())
+
+
+def test_the_lifetime_budget_is_charged_once_per_job_and_a_job_that_would_exceed_it_is_refused(
+    tmp_path: Path,
+) -> None:
+    policy = '[default]\nmin_privacy_level = "dp"\nmax_epsilon = 5.0\nlifetime_epsilon = 6.0\n'
+    federation, node = iot_node(tmp_path, policy)
+    store = BudgetStore(federation.kits[0] / STATE_DIR)
+    dataset = dataset_key(tmp_path / "data" / "iot", "iot")
+    first = federation.sign(iot_dp("dp", target_epsilon=4.0))
+    epsilon, delta = worst_case_privacy(iot_dp("dp", target_epsilon=4.0))
+    assert 3.5 < epsilon <= 4.0 and delta == 1e-5
+    low, high = tuple(IOT_RANGES.low), tuple(IOT_RANGES.high)
+    for server_round in (1, 2, 3):  # every collection of every round: one charge
+        ranges = RoundConfig(server_round=server_round, work=Work.RANGES)
+        node.plain(first, ranges, None, NodeState())
+        moments = RoundConfig(
+            server_round=server_round, work=Work.MOMENTS, range_low=low, range_high=high
+        )
+        node.plain(first, moments, None, NodeState())
+    assert store.jobs(dataset) == {node.kit.admit(first).job_id: (epsilon, delta)}
+
+    # A second job of epsilon 3 would take the dataset past its lifetime 6: refused before
+    # anything is computed, and nothing is charged for it.
+    second = federation.sign(iot_dp("dp", target_epsilon=3.0))
+    assert node.node_info(second).eligible  # within the policy's per-job limit
+    with pytest.raises(JobRefusedError, match="this node's lifetime privacy budget refuses it"):
+        node.plain(second, RANGES, None, NodeState())
+    assert store.spent(dataset) == (epsilon, delta)
+    # One that fits what is left is charged on top.
+    third = iot_dp("dp", target_epsilon=1.5)
+    node.plain(federation.sign(third), RANGES, None, NodeState())
+    assert store.spent(dataset)[0] == pytest.approx(epsilon + worst_case_privacy(third)[0])
+
+
+def test_a_round_past_the_signed_jobs_num_rounds_is_refused(
+    tmp_path: Path, federation: Federation
+) -> None:
+    write_demo_dataset("iot", tmp_path / "iot", 30, seed=4)
+    node = provisioned(federation, 0, NodeType.SENSING, tmp_path)
+    signed = federation.sign(sensing_job("iot", federation={"num_rounds": 2}))
+    for server_round in (0, 1, 2):  # the initial collection and the two signed rounds
+        rnd = RoundConfig(server_round=server_round, work=Work.RANGES)
+        assert node.plain(signed, rnd, None, NodeState()).statistics.size > 0
+    past = RoundConfig(server_round=3, work=Work.RANGES)
+    with pytest.raises(JobRefusedError, match="round 3 is past the signed job's 2 rounds"):
+        node.plain(signed, past, None, NodeState())
 
 
 # ---------------------------------------------------------------------------- sensing
@@ -490,19 +679,25 @@ def test_normalizer_from_centred_sum_clamps_noisy_sums_and_refuses_useless_ones(
 
 
 def test_noop_training_node_contributes_a_zero_update_and_no_evaluation_rows(
-    tmp_path: Path,
+    tmp_path: Path, federation: Federation
 ) -> None:
     write_demo_dataset("vision", tmp_path / "vision", 20, seed=0)
     job = vit_job()
     config = NodeConfig.from_flower(
-        {"node-type": "encoder", "data-dir": str(tmp_path), "noop-training": True}
+        {
+            "node-type": "encoder",
+            "data-dir": str(tmp_path),
+            "noop-training": True,
+            "kit": str(federation.kits[0]),
+        }
     )
     weights = weights_of(job, seed=3)
     node = Node(config, node_id=5)
     fit = node.contribution(job, RoundConfig(server_round=1, seed=1), weights, NodeState())
     assert fit.update.shape == (sum(w.size for _, w in weights),) and not fit.update.any()
     assert fit.metric_rows.shape == (0, 2)
-    summed = node.plain(job, RoundConfig(server_round=1, seed=1), weights, NodeState())
+    rnd = RoundConfig(server_round=1, seed=1)
+    summed = node.plain(federation.sign(job), rnd, weights, NodeState())
     assert summed.metrics == {Metric.EXAMPLES: 0.0, Metric.TRAIN_LOSS: 0.0}
     evaluation = node.contribution(
         job, RoundConfig(server_round=1, work=Work.EVALUATE), weights, NodeState()

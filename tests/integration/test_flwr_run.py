@@ -14,7 +14,7 @@ import json
 import tomllib
 import zipfile
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -306,35 +306,35 @@ def test_fedbrain_job_runs_on_local_superlink_with_three_supernodes(
         pytest.skip(f"fedbrain's Flower apps are not written yet: {', '.join(missing)} missing")
 
     from clients.demo_data import write_demo_dataset
-    from manifests.demo import write_keys
-    from manifests.jobspec import JobSpec
-    from manifests.keys import SigningKey, TrustedKeys
+    from manifests.catalog import NodeType
+    from manifests.keys import TrustedKeys
     from manifests.verify import verify_bundle
+    from server.app import job_from_run_config
     from server.ledger import Ledger, RoundStatus, RunStatus
+    from tests.support.federation import provision
 
-    # Three nodes' data and a signing key, all under tmp_path.
+    # The operator's keys, the signed roster and three provisioned nodes (each with its kit
+    # and its data), all under tmp_path; the nodes keep the safe default policy.
+    federation = provision(tmp_path, len(NODE_TYPES), NodeType.SENSING, policy=None)
+    signing_key, trusted_keys = federation.signing_key, federation.trusted_keys
     node_configs: list[dict[str, str | int | float | bool]] = []
     for index, node_type in enumerate(NODE_TYPES):
         node_dir = tmp_path / "nodes" / f"node-{index}"
         write_demo_dataset("iot", node_dir / "iot", 300, SEED + index)
-        node_configs.append({"node-type": node_type, "data-dir": str(node_dir)})
-    now = datetime.now(UTC)
-    signing_key, _public, trusted_keys = write_keys(
-        tmp_path / "keys",
-        SigningKey.generate(),
-        not_before=now - timedelta(days=1),
-        not_after=now + timedelta(days=30),
-    )
+        node_configs.append(
+            {"node-type": node_type, "data-dir": str(node_dir), "kit": str(federation.kits[index])}
+        )
     run_dir = tmp_path / "run"
 
     defaults = _default_run_config()
-    job = JobSpec.from_run_config(defaults, prefix=JOB_PREFIX)
+    job = job_from_run_config(defaults)
     overrides = write_run_config_toml(
         tmp_path / "overrides.toml",
         {
             "fedbrain.run-dir": str(run_dir),
             "fedbrain.signing-key": str(signing_key),
             "fedbrain.trusted-keys": str(trusted_keys),
+            "fedbrain.roster": str(federation.roster),
             "fedbrain.seed": SEED,
         },
     )

@@ -14,7 +14,6 @@ from flwr.app import Context, RecordDict
 from flwr.app.user_config import UserConfig
 
 from clients.app import make_client_app
-from clients.config import NodeConfig
 from clients.demo_data import write_demo_dataset
 from manifests.catalog import NodeType
 from manifests.demo import write_keys
@@ -30,6 +29,7 @@ from server.app import (
 )
 from server.ledger import Ledger, RunStatus
 from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent, RunOptions
+from tests.support.federation import Federation, provision
 from tests.support.local_grid import LocalGrid
 
 SENSING_JOB = JobSpec.from_mapping(
@@ -44,12 +44,24 @@ SENSING_JOB = JobSpec.from_mapping(
 
 
 def sensing_grid(tmp_path: Path) -> LocalGrid:
-    nodes = {}
+    federation = provision(tmp_path, 3, NodeType.SENSING)
+    dirs = []
     for index in range(3):
         folder = tmp_path / "nodes" / f"node-{index}"
         write_demo_dataset("iot", folder / "iot", 60, seed=index)
-        nodes[index] = NodeConfig(NodeType.SENSING, folder)
-    return LocalGrid.with_app(make_client_app(nodes), 3)
+        dirs.append(folder)
+    return LocalGrid.with_app(make_client_app(federation.node_configs(dirs)), 3)
+
+
+def federation_of(tmp_path: Path) -> Federation:
+    """The federation :func:`sensing_grid` provisioned under ``tmp_path``."""
+    return Federation(
+        tmp_path / "keys" / "signing_key.pem",
+        tmp_path / "keys" / "trusted_keys.json",
+        tmp_path / "federation" / "roster.dsse.json",
+        tuple(tmp_path / "federation" / "nodes" / f"node-{i}" for i in range(3)),
+        NodeType.SENSING,
+    )
 
 
 def key_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -119,7 +131,7 @@ def test_invalid_options_are_all_reported_at_once(tmp_path: Path) -> None:
     assert problems == (
         "fedbrain.rounds: is not a fedbrain setting (known: run-dir, signing-key, trusted-keys, "
         "database-url, seed, deterministic-noise, resume, run-id, round-timeout, "
-        "node-wait-timeout, min-nodes, stop-on-aborted-round).",
+        "node-wait-timeout, min-nodes, stop-on-aborted-round, roster, signed-job).",
         "fedbrain.run-dir: is required (where the ledger and bundle go).",
         f"fedbrain.signing-key: no such file {str(tmp_path / 'missing.pem')!r}.",
         "fedbrain.seed: must be a whole number. Found 1.5.",
@@ -129,16 +141,22 @@ def test_invalid_options_are_all_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_deployment_app_runs_the_job_of_its_run_config(tmp_path: Path) -> None:
-    signing, trusted = key_files(tmp_path)
+    grid = sensing_grid(tmp_path)
+    federation = federation_of(tmp_path)
+    trusted = federation.trusted_keys
+    envelope = tmp_path / "job.dsse.json"
+    envelope.write_bytes(federation.sign(SENSING_JOB))  # the operator signs on their machine
     run_dir = tmp_path / "run"
     run_config: UserConfig = {
         **SENSING_JOB.to_run_config(prefix=JOB_PREFIX),
         "fedbrain.run-dir": str(run_dir),
-        "fedbrain.signing-key": str(signing),
+        "fedbrain.signing-key": str(federation.signing_key),
         "fedbrain.trusted-keys": str(trusted),
+        "fedbrain.roster": str(federation.roster),
+        "fedbrain.signed-job": str(envelope),
         "fedbrain.seed": 3,
     }
-    app(sensing_grid(tmp_path), context(run_config))
+    app(grid, context(run_config))
 
     with Ledger.for_run_dir(run_dir, create=False) as ledger:
         (run,) = ledger.list_runs()
@@ -168,13 +186,21 @@ def test_deployment_app_refuses_an_invalid_run_config_before_running(tmp_path: P
 def test_simulation_app_reports_outcome_and_progress(tmp_path: Path) -> None:
     outcomes: list[JobOutcome] = []
     events: list[ProgressEvent] = []
+    grid = sensing_grid(tmp_path)
+    federation = federation_of(tmp_path)
     server_app = make_server_app(
         SENSING_JOB,
-        RunOptions(run_dir=tmp_path / "run", node_wait_timeout=1.0),
+        RunOptions(  # the operator signed the job; the server holds no artifact signing key
+            run_dir=tmp_path / "run",
+            node_wait_timeout=1.0,
+            trusted_keys=federation.trusted_keys,
+            roster=federation.roster,
+            job_envelope=federation.sign(SENSING_JOB),
+        ),
         progress=events.append,
         outcomes=outcomes,
     )
-    server_app(sensing_grid(tmp_path), context({}))
+    server_app(grid, context({}))
 
     (outcome,) = outcomes
     assert outcome.status is JobStatus.PASSED
@@ -186,5 +212,5 @@ def test_simulation_app_reports_outcome_and_progress(tmp_path: Path) -> None:
     assert [e.stage for e in events if e.kind is EventKind.STAGE] == [
         f"{work}:{stage}"
         for work in ("ranges", "moments")
-        for stage in ("advertise_keys", "share_keys", "masked_input", "unmask")
+        for stage in ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask")
     ]

@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +35,8 @@ from clients.demo_data import write_demo_dataset
 from clients.jobs import initial_events, round_events, update_length_for
 from clients.sensing import IOT_RANGES
 from manifests.catalog import NodeType
-from manifests.demo import write_keys
 from manifests.jobspec import JobSpec
-from manifests.keys import SigningKey, TrustedKeys
+from manifests.keys import TrustedKeys
 from manifests.verify import verify_bundle
 from server.checkpoint import ACCOUNTANT_FILE
 from server.discovery import NODES_FILE
@@ -53,6 +51,7 @@ from server.ledger import (
 )
 from server.options import EventKind, JobStatus, ProgressEvent, RunOptions
 from server.plan import RunPlan, SamplingPlan, secagg_params
+from tests.support.federation import Federation, provision
 from tests.support.local_grid import LocalGrid, LocalNode, random_node_ids
 
 IMAGES_PER_NODE = 40
@@ -86,24 +85,30 @@ def vit_job(
 
 @dataclass
 class Keys:
-    signing: Path
-    trusted: Path
+    """The provisioned federation of these tests: operator keys, roster, encoder kits."""
+
+    federation: Federation
+
+    @property
+    def signing(self) -> Path:
+        return self.federation.signing_key
+
+    @property
+    def trusted(self) -> Path:
+        return self.federation.trusted_keys
 
     @property
     def trusted_keys(self) -> TrustedKeys:
         return TrustedKeys.load(self.trusted)
 
+    @property
+    def roster(self) -> Path:
+        return self.federation.roster
+
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    now = datetime.now(UTC)
-    signing, _, trusted = write_keys(
-        tmp_path_factory.mktemp("keys"),
-        SigningKey.generate(),
-        not_before=now - timedelta(hours=1),
-        not_after=now + timedelta(days=1),
-    )
-    return Keys(signing, trusted)
+    return Keys(provision(tmp_path_factory.mktemp("federation"), 4, NodeType.ENCODER))
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +124,13 @@ def vision_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def encoder_grid(
+    keys: Keys,
     dirs: Sequence[Path],
     *,
     faults: Mapping[int, tuple[Fault, ...]] | None = None,
     on_message: Callable[[Message], None] | None = None,
 ) -> LocalGrid:
-    nodes = {
-        i: NodeConfig(NodeType.ENCODER, folder, faults=(faults or {}).get(i, ()))
-        for i, folder in enumerate(dirs)
-    }
+    nodes = keys.federation.node_configs(dirs, faults=faults)
     return LocalGrid.with_app(make_client_app(nodes), len(dirs), on_message=on_message)
 
 
@@ -136,6 +139,7 @@ def options(run_dir: Path, keys: Keys, **extra: object) -> RunOptions:
         "run_dir": run_dir,
         "signing_key": keys.signing,
         "trusted_keys": keys.trusted,
+        "roster": keys.roster,
         "seed": 7,
         "deterministic_noise": True,
         "round_timeout": 120.0,
@@ -267,7 +271,7 @@ def test_each_privacy_level_trains_signs_and_records_every_round(
     job = vit_job(_settings(level))
     events = Events()
     outcome = run_federation(
-        encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys), progress=events
+        encoder_grid(keys, vision_dirs[:3]), job, options(tmp_path, keys), progress=events
     )
 
     assert outcome.status is JobStatus.PASSED, outcome.reasons
@@ -340,7 +344,7 @@ def test_node_level_epsilon_composes_every_release_without_amplification(
             "server_learning_rate": 0.01,
         },
     )
-    outcome = run_federation(encoder_grid(vision_dirs), job, options(tmp_path, keys))
+    outcome = run_federation(encoder_grid(keys, vision_dirs), job, options(tmp_path, keys))
     assert outcome.status is JobStatus.PASSED, outcome.reasons
     events = _node_level_events(job, 2)
     assert all(getattr(e, "sample_rate", 1.0) == 1.0 for e in events)
@@ -367,7 +371,7 @@ def test_secret_sampling_credits_amplification_at_the_inclusion_rate(
             "server_learning_rate": 0.01,  # 2 expected nodes: keep the noise from diverging
         },
     )
-    outcome = run_federation(encoder_grid(vision_dirs), job, options(tmp_path, keys))
+    outcome = run_federation(encoder_grid(keys, vision_dirs), job, options(tmp_path, keys))
     assert outcome.status is JobStatus.PASSED, outcome.reasons
     events = _node_level_events(job, 2)
     # Fits (update and clipped count) are amplified; evaluations, which every node answers, not.
@@ -423,7 +427,7 @@ def test_server_receives_nothing_in_the_clear_under_secure_aggregation(
             to_server.append(message)
 
     handled: list[SecAggMessage] = []
-    grid = encoder_grid(vision_dirs[:3], on_message=watch)
+    grid = encoder_grid(keys, vision_dirs[:3], on_message=watch)
     outcome = run_federation(grid, job, options(tmp_path, keys), secagg_hook=handled.append)
     assert outcome.status is JobStatus.PASSED, outcome.reasons
 
@@ -453,7 +457,7 @@ def test_node_failing_in_the_masked_input_stage_is_a_dropout_with_its_reason(
     vision_dirs: list[Path], keys: Keys, tmp_path: Path
 ) -> None:
     job = vit_job(rounds=1, nodes=4, privacy_level="dp+secure-agg", dp=EXAMPLE_DP)
-    grid = encoder_grid(vision_dirs, faults={2: (Fault(wire.SECAGG_MASKED, 1),)})
+    grid = encoder_grid(keys, vision_dirs, faults={2: (Fault(wire.SECAGG_MASKED, 1),)})
     failing = list(grid.get_node_ids())[2]
     outcome = run_federation(grid, job, options(tmp_path, keys))
 
@@ -481,7 +485,7 @@ def test_too_many_failures_abort_the_round_cleanly_and_the_run_goes_on_or_stops(
     # k = 3 neighbours, threshold 3: two of four failing leaves too few masked inputs.
     job = vit_job(rounds=2, nodes=4, privacy_level="secure-agg", dp={"clipping_norm": 1.0})
     masked_round_1 = (Fault(wire.SECAGG_MASKED, 1),)
-    grid = encoder_grid(vision_dirs, faults={0: masked_round_1, 3: masked_round_1})
+    grid = encoder_grid(keys, vision_dirs, faults={0: masked_round_1, 3: masked_round_1})
     events = Events()
     outcome = run_federation(
         grid, job, options(tmp_path, keys, stop_on_aborted_round=stop), progress=events
@@ -523,12 +527,14 @@ def test_sum_with_fewer_survivors_than_the_noise_is_sized_for_is_discarded(
     job = vit_job(
         rounds=1, nodes=4, privacy_level="dp+secure-agg", dp={**EXAMPLE_DP, "planned_dropout": 0.0}
     )
-    grid = encoder_grid(vision_dirs, faults={0: (Fault(wire.SECAGG_MASKED, 1),)})
+    grid = encoder_grid(keys, vision_dirs, faults={0: (Fault(wire.SECAGG_MASKED, 1),)})
     outcome = run_federation(grid, job, options(tmp_path, keys))
     assert outcome.status is JobStatus.FAILED
     (record,) = ledger_rounds(tmp_path, outcome.run_id)
     assert record.status is RoundStatus.ABORTED
-    assert "too little noise" in str(record.measurements["train_aborted"])
+    # The survivors themselves refuse to sign (so to unmask) the under-noised survivor set.
+    reasons = [p.reason or "" for p in record.participants if p.phase is Phase.TRAIN]
+    assert sum("would be under-noised" in r for r in reasons) == 3
 
 
 # =========================================================================== resume, budget
@@ -549,7 +555,9 @@ def test_resume_after_a_crash_runs_every_round_exactly_once(
             raise CrashError(f"killed after round {crash_after}")
 
     with pytest.raises(CrashError):
-        run_federation(encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys), progress=crash)
+        run_federation(
+            encoder_grid(keys, vision_dirs[:3]), job, options(tmp_path, keys), progress=crash
+        )
     with Ledger.for_run_dir(tmp_path, create=False) as ledger:
         (first,) = ledger.list_runs()
         assert first.status is RunStatus.FAILED
@@ -558,7 +566,10 @@ def test_resume_after_a_crash_runs_every_round_exactly_once(
 
     events = Events()
     outcome = run_federation(
-        encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys, resume=True), progress=events
+        encoder_grid(keys, vision_dirs[:3]),
+        job,
+        options(tmp_path, keys, resume=True),
+        progress=events,
     )
 
     assert outcome.status is JobStatus.PASSED, outcome.reasons
@@ -593,7 +604,7 @@ def test_exhausted_privacy_budget_stops_training_before_the_round(
     job = vit_job(rounds=4, privacy_level="dp", dp={**NODE_DP, "epsilon_budget": budget})
     events = Events()
     outcome = run_federation(
-        encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys), progress=events
+        encoder_grid(keys, vision_dirs[:3]), job, options(tmp_path, keys), progress=events
     )
 
     assert outcome.status is JobStatus.PASSED, outcome.reasons
@@ -616,7 +627,7 @@ def test_epsilon_budget_too_small_for_one_round_fails_before_any_training(
     job = vit_job(privacy_level="dp", dp={**NODE_DP, "epsilon_budget": one * 0.9})
     events = Events()
     outcome = run_federation(
-        encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys), progress=events
+        encoder_grid(keys, vision_dirs[:3]), job, options(tmp_path, keys), progress=events
     )
 
     assert outcome.status is JobStatus.FAILED
@@ -633,9 +644,9 @@ def test_ineligible_nodes_are_refused_with_reasons_and_too_few_fail_the_job(
     vision_dirs: list[Path], keys: Keys, tmp_path: Path
 ) -> None:
     nodes = {
-        0: NodeConfig(NodeType.ENCODER, vision_dirs[0]),
-        1: NodeConfig(NodeType.SENSING, vision_dirs[1]),  # wrong node type
-        2: NodeConfig(NodeType.ENCODER, tmp_path / "no-data"),  # no images
+        0: NodeConfig(NodeType.ENCODER, vision_dirs[0], kit=keys.federation.kits[0]),
+        1: NodeConfig(NodeType.SENSING, vision_dirs[1], kit=keys.federation.kits[1]),  # wrong type
+        2: NodeConfig(NodeType.ENCODER, tmp_path / "no-data", kit=keys.federation.kits[2]),
     }
     grid = LocalGrid.with_app(make_client_app(nodes), 3)
     events = Events()
@@ -689,7 +700,7 @@ def test_sensing_normalizer_matches_the_pooled_data_plainly_or_through_secure_ag
     if level.startswith("dp"):
         settings["dp"] = {"unit": "example", "target_epsilon": 6.0, "delta": 1e-5}
     job = JobSpec.from_mapping(settings)
-    nodes = {i: NodeConfig(NodeType.SENSING, folder) for i, folder in enumerate(dirs)}
+    nodes = keys.federation.node_configs(dirs, node_type=NodeType.SENSING)
     run_dir = tmp_path / "run"
     outcome = run_federation(
         LocalGrid.with_app(make_client_app(nodes), 3), job, options(run_dir, keys)
@@ -725,7 +736,7 @@ def test_run_below_the_reliability_threshold_is_rejected_without_a_bundle(
         dp=NODE_DP,
         federation={"num_rounds": 1, "clients_per_round": 3, "reliability_threshold": 0.95},
     )
-    outcome = run_federation(encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys))
+    outcome = run_federation(encoder_grid(keys, vision_dirs[:3]), job, options(tmp_path, keys))
 
     assert outcome.status is JobStatus.REJECTED
     assert outcome.reliability is not None and outcome.reliability < 0.95
@@ -752,7 +763,7 @@ def test_secure_aggregation_never_runs_with_fewer_than_three_nodes(
 ) -> None:
     job = vit_job(nodes=2, privacy_level="secure-agg", dp={"clipping_norm": 1.0})
     outcome = run_federation(
-        encoder_grid(vision_dirs[:2]), job, options(tmp_path, keys, node_wait_timeout=0.2)
+        encoder_grid(keys, vision_dirs[:2]), job, options(tmp_path, keys, node_wait_timeout=0.2)
     )
     assert outcome.status is JobStatus.FAILED
     assert "needs at least 3" in outcome.reasons[0]
@@ -834,7 +845,7 @@ def _stale_model_app(real: ClientApp) -> ClientApp:
 def test_node_whose_model_config_disagrees_is_refused_with_the_reason(
     vision_dirs: list[Path], keys: Keys, tmp_path: Path
 ) -> None:
-    nodes = {i: NodeConfig(NodeType.ENCODER, folder) for i, folder in enumerate(vision_dirs[:3])}
+    nodes = keys.federation.node_configs(vision_dirs[:3])
     real = make_client_app(nodes)
     ids = random_node_ids(3)
     grid = LocalGrid(
@@ -858,7 +869,7 @@ def test_eval_metrics_are_the_trained_classifiers_and_the_initial_model_is_the_b
     vision_dirs: list[Path], keys: Keys, tmp_path: Path
 ) -> None:
     job = vit_job(rounds=2, learning_rate=3e-3)
-    outcome = run_federation(encoder_grid(vision_dirs[:3]), job, options(tmp_path, keys))
+    outcome = run_federation(encoder_grid(keys, vision_dirs[:3]), job, options(tmp_path, keys))
     assert outcome.status is JobStatus.PASSED, outcome.reasons
     first, second = ledger_rounds(tmp_path, outcome.run_id)
     initial = first.metrics["initial"]

@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,34 +26,21 @@ from numpy.typing import NDArray
 from aggregation.secagg import MaskedInputReply, SecAggMessage
 from clients import protocol as wire
 from clients.app import make_client_app
-from clients.config import NodeConfig
 from clients.demo_data import write_demo_dataset
 from clients.jobs import analytics_row_bound, job_privacy
 from clients.node import Node, NodeState
 from clients.protocol import RoundConfig, Work
 from manifests.catalog import NodeType
-from manifests.demo import write_keys
 from manifests.jobspec import JobSpec
-from manifests.keys import SigningKey
 from server import collect
 from server.collect import Contributions
 from server.federator import run_federation
 from server.ledger import Ledger
 from server.options import JobStatus, RunOptions
+from tests.support.federation import provision
 from tests.support.local_grid import LocalGrid
 
 NODES = 4
-
-
-def _keys(root: Path) -> tuple[Path, Path]:
-    now = datetime.now(UTC)
-    signing, _, trusted = write_keys(
-        root / "keys",
-        SigningKey.generate(),
-        not_before=now - timedelta(hours=1),
-        not_after=now + timedelta(days=1),
-    )
-    return signing, trusted
 
 
 class Recorder:
@@ -122,13 +108,14 @@ def test_server_learns_no_nodes_statistics_from_sensing_sums(
             "dp": {"unit": "example", "noise_multiplier": 1.0, "delta": 1e-5},
         }
     )
-    nodes = {i: NodeConfig(NodeType.SENSING, folder) for i, folder in enumerate(dirs)}
+    federation = provision(tmp_path, NODES, NodeType.SENSING)  # 6 releases at z = 1: eps 22
+    nodes = federation.node_configs(dirs)
     grid = LocalGrid.with_app(make_client_app(nodes), NODES, on_message=recorder.message)
-    signing, trusted = _keys(tmp_path)
     options = RunOptions(
         run_dir=tmp_path / "run",
-        signing_key=signing,
-        trusted_keys=trusted,
+        signing_key=federation.signing_key,
+        trusted_keys=federation.trusted_keys,
+        roster=federation.roster,
         seed=1,
         node_wait_timeout=1.0,
     )
@@ -202,13 +189,14 @@ def test_server_sees_no_update_or_metric_of_a_node_in_a_model_job(
             "dp": {"unit": "example", "clipping_norm": 1.0, "target_epsilon": 8.0, "delta": 1e-5},
         }
     )
-    nodes = {i: NodeConfig(NodeType.ENCODER, folder) for i, folder in enumerate(dirs)}
+    federation = provision(tmp_path, 3, NodeType.ENCODER, policy=None)  # safe defaults
+    nodes = federation.node_configs(dirs)
     grid = LocalGrid.with_app(make_client_app(nodes), 3, on_message=recorder.message)
-    signing, trusted = _keys(tmp_path)
     options = RunOptions(
         run_dir=tmp_path / "run",
-        signing_key=signing,
-        trusted_keys=trusted,
+        signing_key=federation.signing_key,
+        trusted_keys=federation.trusted_keys,
+        roster=federation.roster,
         seed=5,
         node_wait_timeout=1.0,
     )

@@ -282,7 +282,7 @@ node_wait_timeout = 60.0
 
 [[nodes]]
 type = "sensing"
-count = 3
+count = 4
 modalities = ["iot"]
 examples = 64
 partition = "iid"
@@ -318,8 +318,9 @@ def test_end_to_end_sensing_job_with_a_dropout_gives_a_verified_bundle(tmp_path:
     bundle = Path(job["bundle"])
     assert bundle.is_file() and bundle.is_relative_to(out / "runs" / "sensing-iot-normalizer-v1")
     assert "verified" in result.output
-    # node 2's injected fault makes it a dropout of round 1; SecAgg+ recovers the sum of two
-    assert "participants 2  dropouts 1" in result.output
+    # node 2's injected fault makes it a dropout of round 1; SecAgg+ recovers the sum of the
+    # other three (a sum of two would let each survivor learn the other's input: refused)
+    assert "participants 3  dropouts 1" in result.output
     # --resume: the passed job is not run again
     again = CliRunner().invoke(app, ["simulate", str(path), "--out", str(out), "--resume"])
     assert again.exit_code == ExitCode.OK, again.output

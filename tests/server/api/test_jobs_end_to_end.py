@@ -24,7 +24,6 @@ IOT = {
     "federation": {"num_rounds": 1, "reliability_threshold": 0.5},
     "dp": {
         "unit": "example",
-        "clipping_norm": 3.32,
         "noise_multiplier": 2.0,
         "delta": 1e-5,
         "epsilon_budget": 10.0,
