@@ -10,8 +10,10 @@ Formula (``score_round``)::
     score = clip(1 - sum_k weight_k * severity_k, 0, 1)
 
 Fatal conditions (score 0, reason given): nothing sampled, no client responded, any non-finite
-input (eval loss/accuracy, a client's metric, update norm, noise-to-signal), or divergence
-(eval loss > ``divergence_factor`` x the previous round's eval loss).
+round-level input (eval loss/accuracy, update norm, noise-to-signal), or divergence (eval loss >
+``divergence_factor`` x the previous round's eval loss). One client's non-finite metric is not
+fatal: that client's evaluation is left out of the means and spreads, with a reason (one bad
+client must not veto a round).
 
 Each penalty rule ``k`` is a :class:`PenaltyRule` ``(weight, threshold, saturation)``: its
 severity is 0 on the good side of ``threshold``, grows linearly, and reaches 1 at
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -341,6 +343,16 @@ def score_round(
         return fatal("no clients sampled")
     if obs.responded == 0:
         return fatal(f"no client responded (0 of {obs.sampled} sampled)")
+    usable: list[Mapping[str, float]] = []
+    for i, metrics in enumerate(obs.client_metrics):
+        bad = {key: value for key, value in metrics.items() if not math.isfinite(value)}
+        if bad:
+            shown = ", ".join(f"{key} {value}" for key, value in bad.items())
+            reasons.append(f"evaluating client {i} left out: non-finite {shown}")
+        else:
+            usable.append(metrics)
+    if len(usable) < len(obs.client_metrics):
+        obs = replace(obs, client_metrics=usable)
 
     loss = obs.aggregate_loss()
     accuracy = obs.aggregate_accuracy()
@@ -355,10 +367,6 @@ def score_round(
             return fatal(f"non-finite {name} ({value})")
         if value is not None:
             components[name] = float(value)
-    for i, metrics in enumerate(obs.client_metrics):
-        for key, metric in metrics.items():
-            if not math.isfinite(metric):
-                return fatal(f"non-finite {key} from evaluating client {i} ({metric})")
 
     prev_loss = previous.aggregate_loss() if previous is not None else None
     if loss is not None and prev_loss is not None and math.isfinite(prev_loss) and prev_loss > 0:

@@ -13,7 +13,8 @@ the median of ``--repeats`` rounds after one warm-up round, for three implementa
 - **baseline**: the package as it is at ``--baseline-ref`` (default ``main``), extracted with
   ``git show`` into a temporary directory and imported under another name -- today's protocol;
 - **authenticated**: this tree with identities (Ed25519 signatures on keys, roster checks, the
-  consistency-check stage, robust reconstruction, masked inputs kept until the stage closes);
+  consistency-check stage, robust reconstruction, masked inputs kept until the stage closes),
+  every signature bound to a session context the size of fedbrain's (a signed job's id);
 - **authenticated, keep_masked_inputs=False**: the same without keeping each masked input until
   the stage closes (a client with garbage shares then aborts the round instead of being one
   dropout), to show what that robustness costs;
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from aggregation.secagg import NodeIdentity, SecAggParams, run_secagg_round  # noqa: E402
 
 _BASELINE_NAME = "secagg_baseline"
+CONTEXT = b"fedbrain/job/sha256:" + b"0" * 64  # clients.protocol.session_context's size
 
 
 def load_baseline(ref: str, into: Path) -> ModuleType:
@@ -104,7 +106,9 @@ def bench(n: int, size: int, repeats: int, baseline: ModuleType) -> Times:
         baseline.run_secagg_round(old_params, plain_inputs, rng=np.random.default_rng(1))
 
     def run_authenticated() -> None:
-        run_secagg_round(params, auth_inputs, rng=np.random.default_rng(1), identities=people)
+        run_secagg_round(
+            params, auth_inputs, rng=np.random.default_rng(1), identities=people, context=CONTEXT
+        )
 
     def run_authenticated_lean() -> None:
         run_secagg_round(
@@ -113,6 +117,7 @@ def bench(n: int, size: int, repeats: int, baseline: ModuleType) -> Times:
             rng=np.random.default_rng(1),
             identities=people,
             keep_masked_inputs=False,
+            context=CONTEXT,
         )
 
     def run_unauthenticated() -> None:

@@ -74,6 +74,7 @@ from clients.datasets import (
 from clients.jobs import (
     HISTOGRAM_BINS,
     analytics_row_bound,
+    clip_statistic_rows,
     dp_sgd_noise_multiplier,
     dp_sgd_steps,
     job_privacy,
@@ -461,10 +462,10 @@ class Node:
                     f"({len(ranges.features)}); the round gives {len(rnd.range_low)}."
                 )
             low, high = np.asarray(rnd.range_low), np.asarray(rnd.range_high)
-            # A range the server sends can only hurt accuracy, never privacy: every row is
-            # mapped into [0, 1] and normalised to norm <= 1 whatever the range.
+            # A range the server sends can only hurt accuracy, never privacy: every moment is
+            # clipped into [-1, 1] and every row to norm <= 1 whatever the range.
             rows = moment_rows(values, low, high)
-        return Contribution(statistic_rows=rows / bound)
+        return Contribution(statistic_rows=clip_statistic_rows(rows, bound))
 
     # -- in the clear (train.fit, evaluate.eval) ----------------------------------------
     def plain(
@@ -493,7 +494,9 @@ class Node:
     ) -> SecAggMessage:
         """Answer one SecAgg+ request of the authenticated, malicious-server protocol
         (:mod:`aggregation.secagg`: signed keys checked against the roster, the node's own
-        SecAgg+ minimums, the consistency check); the masked-input stage computes the
+        SecAgg+ minimums, the consistency check), bound to the signed job: the session context
+        is the job's id, so the node's peers must hold the same job, and every later stage must
+        come with the job it advertised keys for; the masked-input stage computes the
         contribution first, encodes it into the ring with this node's noise share, and masks
         it. Before signing the survivor set of a distributed-DP collection the node checks
         that enough survivors carry noise."""
@@ -525,6 +528,7 @@ class Node:
                 roster=kit.secagg_roster(),
                 policy=kit.secagg_policy,
                 participation=kit.participation_log(),
+                context=protocol.session_context(admitted.job_id),
             )
             reply: SecAggMessage = session.advertise_keys(request)
             kit.participation.admit(request.run_id, request.server_round)  # durable, first
@@ -541,6 +545,7 @@ class Node:
             identity=kit.credentials.identity,
             roster=kit.secagg_roster(),
             policy=kit.secagg_policy,
+            context=protocol.session_context(admitted.job_id),  # the job it advertised for
         )
         params = session.state.params
         if params is None:

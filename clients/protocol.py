@@ -432,6 +432,17 @@ def signed_job_from_content(content: RecordDict) -> bytes:
     return envelope
 
 
+def session_context(job_id: str) -> bytes:
+    """The SecAgg+ session context of every secure collection of the signed job ``job_id``
+    (``sha256:<hex>``, :attr:`manifests.signed_job.SignedJob.job_id`): each node signs its keys
+    and the survivor set with it and verifies its peers' signatures with it, so the nodes of one
+    session verifiably hold the same job (a server cannot give nodes different jobs, e.g.
+    different clipping norms, within one round)."""
+    if not isinstance(job_id, str) or not job_id.startswith("sha256:"):
+        raise ValueError(f"A job id is `sha256:` + hex. Found {job_id!r}.")
+    return b"fedbrain/job/" + job_id.encode("ascii")
+
+
 # --------------------------------------------------------------------------- rotation
 
 
@@ -470,7 +481,8 @@ def summed_from_content(
     """A node's clear-text sums, validated against the expected layout.
 
     Raises ``ValueError`` for a missing or extra record or metric, a wrong dtype or length,
-    or a non-finite value -- the caller records the node as a dropout with the message.
+    a non-finite value, or a metric sum above its bound for the node's example count -- the
+    caller records the node as a dropout with the message.
     """
     update = _one_array(content, UPDATE, UPDATE_ARRAY, np.float32, update_length)
     stats = _one_array(content, STATISTICS, STATISTICS_ARRAY, np.float64, statistics_length)
@@ -488,7 +500,22 @@ def summed_from_content(
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"`metrics.{name}` must be finite and >= 0. Found {value!r}.")
         values[spec.metric] = float(value)
+    _check_metric_bounds(values, metrics)
     return Summed(update.astype(np.float64), values, stats.astype(np.float64))
+
+
+def _check_metric_bounds(values: Mapping[Metric, float], metrics: Sequence[MetricSpec]) -> None:
+    """Each metric is a sum of rows clipped to ``[0, bound]``: at most ``bound`` times the
+    node's ``examples`` (one row of node means without a count). A larger value is not one an
+    honest node computes (e.g. a loss of 1e300 over 1e-300 examples)."""
+    units = values.get(Metric.EXAMPLES, 1.0)
+    for spec in metrics:
+        limit = spec.bound * units
+        if spec.metric is not Metric.EXAMPLES and values[spec.metric] > limit * (1 + 1e-9):
+            raise ValueError(
+                f"`metrics.{spec.metric}` is {values[spec.metric]!r}, above its bound "
+                f"{spec.bound:g} x {units:g} unit(s): each row is clipped to [0, {spec.bound:g}]."
+            )
 
 
 def _one_array(

@@ -15,6 +15,7 @@ validate through :meth:`manifests.jobspec.JobSpec.from_run_config`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ __all__ = [
     "SignedJobKeyRevokedError",
     "SignedJobKeyUntrustedError",
     "SignedJobPayloadTypeError",
+    "envelope_job_id",
     "job_id_of",
     "sign_job",
     "verify_signed_job",
@@ -129,6 +131,24 @@ def _utc(value: object, name: str) -> datetime:
 def job_id_of(payload: bytes) -> str:
     """``sha256:`` + hex SHA-256 of a signed job's payload."""
     return "sha256:" + hashlib.sha256(payload).hexdigest()
+
+
+def envelope_job_id(envelope: bytes) -> str:
+    """The job id of a signed job file, read without verifying its signature: for the server,
+    which signed or verified the file itself (nodes always verify, :func:`verify_signed_job`).
+    Raises :class:`SignedJobFormatError` when ``envelope`` is not a DSSE envelope."""
+    try:
+        document = loads_strict(envelope)
+    except JSONFormatError as exc:
+        raise SignedJobFormatError(f"envelope: {exc}") from None
+    payload = document.get("payload") if isinstance(document, dict) else None
+    if not isinstance(payload, str):
+        raise SignedJobFormatError("envelope must be a JSON object with a base64 payload")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise SignedJobFormatError("envelope payload is not base64") from None
+    return job_id_of(raw)
 
 
 def sign_job(

@@ -3,7 +3,8 @@
 Secure collections run SecAgg+ (:mod:`aggregation.secagg`) stage by stage as the session
 lists them -- with a ``roster``, the malicious-server protocol (signed keys, consistency check)
 between nodes addressed by their identity-derived SecAgg+ ids (``secagg_ids`` maps each
-transport node id to its SecAgg+ id); Flower only carries the messages.
+transport node id to its SecAgg+ id), bound to the signed job (the session context is its job
+id: :func:`clients.protocol.session_context`); Flower only carries the messages.
 
 :class:`Collector` sends one collection's messages over a Flower ``Grid`` and returns
 :class:`Contributions`: the contributors, each dropout with its stage and reason, timings and
@@ -13,7 +14,9 @@ record to send and the length of the update segment.
 
 One bad node is one dropout: a missing reply, an error reply, or a reply that does not parse,
 has the wrong shape, dtype or length, or holds NaN/infinity removes that node from the
-collection with the reason, and the collection goes on with the others. Only when too few
+collection with the reason, and the collection goes on with the others. (A node refused after
+its masked input was summed -- consistency check, unmask -- still counts; its stage and reason
+are in ``Contributions.late``.) Only when too few
 remain does a secure collection abort (:class:`aggregation.secagg.SecAggAbortedError` is
 turned into ``Contributions.aborted``).
 """
@@ -46,6 +49,7 @@ from clients import protocol as wire
 from clients.jobs import analytics_statistics_length, metrics_for, min_survivors, ring_layout
 from clients.protocol import RoundConfig, Work
 from manifests.jobspec import JobSpec
+from manifests.signed_job import envelope_job_id
 from server.plan import secagg_params
 
 __all__ = ["Collector", "Contributions", "Dropout", "StageCallback"]
@@ -80,6 +84,9 @@ class Contributions:
     aborted: str | None = None
     secagg: SecAggParams | None = None
     helped_unmask: frozenset[int] = frozenset()
+    late: list[Dropout] = field(default_factory=list)
+    """Contributors refused after their masked input was summed (consistency check, unmask):
+    their input counts and they are not dropouts, but the stage and reason are recorded."""
 
     @property
     def dropped_by_stage(self) -> dict[str, int]:
@@ -109,6 +116,7 @@ class Collector:
         self.grid = grid
         self.job = job
         self.job_record = wire.signed_job_record(envelope)
+        self.context = wire.session_context(envelope_job_id(envelope))
         self.round_timeout = round_timeout
         self.run_id = run_id
         self.seed = seed
@@ -236,6 +244,7 @@ class Collector:
             ),
             on_message=self.secagg_hook,
             roster=self.roster,
+            context=self.context,
         )
         try:
             for stage, open_stage in session.stages():
@@ -251,10 +260,11 @@ class Collector:
             out.measurements.update(
                 {f"secagg_{k}": v for k, v in session.state.measurements.items()}
             )
-            out.dropouts.extend(_dropouts(session.state.dropout_reasons, transport, set()))
+            out.dropouts.extend(_dropouts(session.state.dropout_reasons, transport))
             return
         contributors = {transport[i] for i in result.contributors}
-        out.dropouts.extend(_dropouts(result.dropout_reasons, transport, contributors))
+        for dropout in _dropouts(result.dropout_reasons, transport):
+            (out.late if dropout.node in contributors else out.dropouts).append(dropout)
         out.contributors = tuple(sorted(contributors))
         out.measurements.update({f"secagg_{k}": v for k, v in result.measurements.items()})
         if layout.uses_ddp:
@@ -317,15 +327,13 @@ class Collector:
         return answered
 
 
-def _dropouts(
-    reasons: Mapping[int, str], transport: Mapping[int, int], contributors: set[int]
-) -> list[Dropout]:
+def _dropouts(reasons: Mapping[int, str], transport: Mapping[int, int]) -> list[Dropout]:
     """The session's dropout reasons (``"<stage>: <reason>"`` by SecAgg+ id) as Dropouts of
-    transport nodes; contributors (e.g. silent only in the unmask stage) are not dropouts."""
+    transport nodes."""
     out = []
     for secagg_id in sorted(reasons):
         node = transport.get(secagg_id)
-        if node is None or node in contributors:
+        if node is None:
             continue
         stage, _, reason = reasons[secagg_id].partition(": ")
         out.append(Dropout(node, stage, reason or reasons[secagg_id]))

@@ -52,6 +52,9 @@ class RunStatus(StrEnum):
     """Stopped by an error."""
     ABORTED = "aborted"
     """Stopped on purpose (operator, privacy budget exhausted)."""
+    INTERRUPTED = "interrupted"
+    """Its process died mid-run (a crash, kill -9, power loss): it did not end, it stopped.
+    Resume it (``--resume``); see ``interruptions`` for what each interruption cost."""
 
 
 class RoundStatus(StrEnum):
@@ -152,8 +155,10 @@ class Participant:
 
     ``stage``: for ``contributed``, the last stage it completed; for ``dropped``, the stage at
     which it dropped (e.g. ``"share_keys"``, ``"masked_input"``, ``"train"``); ``reason``: why
-    it dropped, in words (a timeout, its error reply, what was malformed in its reply). Nothing
-    computed from a node's data is recorded per node.
+    it dropped, in words (a timeout, its error reply, what was malformed in its reply) -- or,
+    for a node whose masked input was summed but that was refused at a later SecAgg+ stage
+    (``stage`` ``"consistency_check"`` or ``"unmask"``), why it was refused. Nothing computed
+    from a node's data is recorded per node.
     """
 
     node_id: int
@@ -346,6 +351,11 @@ class RunSummary:
     rounds_recorded: int
     last_round: int
     flower_run_id: int | None = None
+    owner: str | None = None
+    """``host:pid:start-time`` of the process running it (``server.restart``)."""
+    interruptions: tuple[Mapping[str, JSONValue], ...] = ()
+    """One entry per interruption: ``round`` (the round that was under way), ``at``,
+    ``charged`` (whether that round's privacy cost stays spent) and ``reason``."""
 
     def to_json(self) -> dict[str, JSONValue]:
         return {
@@ -368,4 +378,6 @@ class RunSummary:
             "rounds_recorded": self.rounds_recorded,
             "last_round": self.last_round,
             "flower_run_id": None if self.flower_run_id is None else str(self.flower_run_id),
+            "owner": self.owner,
+            "interruptions": [dict(i) for i in self.interruptions],
         }

@@ -69,13 +69,16 @@ def _participants(collected: Sequence[Collected], node_type: str) -> list[Partic
         c = item.contributions
         phase = Phase.INITIAL if item.initial else phase_of(c.work)
         last = "unmask" if c.secagg is not None else phase.value
+        late = {d.node: d for d in c.late}  # refused after its input was summed: counted
         for node in c.contributors:
+            note = late.get(node)
             out.append(
                 Participant(
                     node_id=node,
                     node_type=node_type,
                     outcome=ParticipantOutcome.CONTRIBUTED,
-                    stage=last,
+                    stage=last if note is None else note.stage,
+                    reason=None if note is None else note.reason,
                     phase=phase,
                 )
             )

@@ -11,9 +11,10 @@ and the masking graph, and collude with clients. The node protects itself:
 
 - it joins only rounds that meet its own :class:`SecAggPolicy` (group size, neighbours,
   threshold with 2t > holders + c) and, with a :class:`ParticipationLog`, only newer rounds;
-- it signs its keys, its self-mask seed commitment and the round's parameters with its identity
-  key, and derives nothing from a peer's keys before their signature verifies under the roster
-  (no key substitution, no invented members, no split parameters);
+- it signs its keys, its self-mask seed commitment, the round's parameters and the session
+  ``context`` (fedbrain: the signed job's id) with its identity key, and derives nothing from a
+  peer's keys before their signature verifies under the roster for the same context (no key
+  substitution, no invented members, no split parameters, no peers working for another job);
 - it refuses malformed, non-canonical and small-order X25519 keys;
 - a peer whose encrypted share it cannot open is left out (as if its share never arrived) and
   named in the reply, as long as the threshold still holds;
@@ -59,6 +60,7 @@ from aggregation.secagg.identity import (
     NodeIdentity,
     Roster,
     advertise_statement,
+    check_context,
     survivors_statement,
 )
 from aggregation.secagg.messages import (
@@ -91,6 +93,10 @@ class ClientSession:
         policy: the node's minimums (default ``SecAggPolicy()``), enforced in both modes.
         participation: optional log of the rounds taken part in; advertise-keys requests of
             an older or the same round are refused, and accepted ones are recorded in it.
+        context: what the node binds the session to besides run and round (at most 1 KiB),
+            inside every statement it signs or verifies (authenticated mode): peers holding
+            another context are refused. fedbrain passes the signed job's id, so every honest
+            node of a session verifiably works for the same job.
     """
 
     def __init__(
@@ -101,7 +107,9 @@ class ClientSession:
         roster: Roster | None = None,
         policy: SecAggPolicy | None = None,
         participation: ParticipationLog | None = None,
+        context: bytes = b"",
     ) -> None:
+        check_context(context)
         if (identity is None) != (roster is None):
             raise ValueError(
                 "Pass both `identity` and `roster` (authenticated SecAgg+, secure against a "
@@ -123,7 +131,7 @@ class ClientSession:
             raise TypeError("`node_id` is required without an identity.")
         if policy is not None and not isinstance(policy, SecAggPolicy):
             raise TypeError(f"`policy` must be a SecAggPolicy. Found {type(policy).__name__}.")
-        self.state = ClientState(node_id=node_id)
+        self.state = ClientState(node_id=node_id, context=context)
         self.identity = identity
         self.roster = roster
         self.policy = policy or SecAggPolicy()
@@ -139,7 +147,7 @@ class ClientSession:
         """The session as plain values, for the node's local state between stage messages
         (e.g. Flower's ``Context.state``). It holds this round's secrets: keep it on the node.
         The identity, roster, policy and participation log are not in it; pass them again to
-        :meth:`from_state_record`."""
+        :meth:`from_state_record`. The session context is in it."""
         return state_record(self)
 
     @classmethod
@@ -151,10 +159,13 @@ class ClientSession:
         roster: Roster | None = None,
         policy: SecAggPolicy | None = None,
         participation: ParticipationLog | None = None,
+        context: bytes | None = None,
     ) -> ClientSession:
         """Inverse of :meth:`to_state_record`; raises SecAggProtocolError if it is malformed
-        or was saved by a session of the other mode (authenticated vs unauthenticated)."""
-        return session_from_record(
+        or was saved by a session of the other mode (authenticated vs unauthenticated), and
+        SecAggRefusedError if ``context`` is given and is not the context the session was
+        started with (a later stage sent for another job)."""
+        session = session_from_record(
             cls,
             record,
             identity=identity,
@@ -162,6 +173,13 @@ class ClientSession:
             policy=policy,
             participation=participation,
         )
+        if context is not None and not hmac.compare_digest(context, session.state.context):
+            raise SecAggRefusedError(
+                f"Node {session.state.node_id} refuses a request for another session context "
+                f"than the one it advertised keys for ({context[:80]!r} is not "
+                f"{session.state.context[:80]!r}): a session works for one job only."
+            )
+        return session
 
     # -- checks ---------------------------------------------------------------------------
     def _check(self, request: SecAggMessage, phase: ClientPhase) -> SecAggParams:
@@ -237,6 +255,7 @@ class ClientSession:
                     share_public_key=share_public,
                     mask_public_key=mask_public,
                     seed_commitment=commitment,
+                    context=state.context,
                 )
             )
         return AdvertiseKeysReply(
@@ -271,13 +290,15 @@ class ClientSession:
                     share_public_key=request.share_public_keys[i],
                     mask_public_key=request.mask_public_keys[i],
                     seed_commitment=request.seed_commitments[i],
+                    context=state.context,
                 )
                 try:
                     roster.verify(peer, request.signatures[i], statement)
                 except SecAggAuthenticationError as error:
                     raise SecAggRefusedError(
                         f"Node {me} refuses to share keys: {error} The keys were substituted, "
-                        "or signed for other round parameters. Nothing was derived."
+                        "or signed for other round parameters or another session context "
+                        "(another job). Nothing was derived."
                     ) from None
         own = {primitives.public_bytes(k) for k in (state.share_key, state.mask_key) if k}
         for i, peer in enumerate(request.peer_ids):
@@ -524,6 +545,7 @@ class ClientSession:
                 run_id=state.run_id,
                 server_round=state.server_round,
                 survivor_ids=request.survivor_ids,
+                context=state.context,
             )
         )
         state.survivor_ids = request.survivor_ids
@@ -562,7 +584,10 @@ class ClientSession:
                 "Nothing was revealed."
             )
         statement = survivors_statement(
-            run_id=state.run_id, server_round=state.server_round, survivor_ids=state.survivor_ids
+            run_id=state.run_id,
+            server_round=state.server_round,
+            survivor_ids=state.survivor_ids,
+            context=state.context,
         )
         # t valid signatures are what it needs: it checks them in order and stops there (an
         # invalid one met on the way is the server's forgery: refuse)

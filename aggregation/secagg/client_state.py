@@ -45,10 +45,12 @@ class ClientState:
     ``seed_shares`` / ``key_shares`` hold the shares of the peers it masked with (those whose
     shares it opened); ``excluded`` the senders it left out, with the reason;
     ``survivor_ids`` the survivor set it signed in the consistency check, and
-    ``survivor_signature`` its own signature on it.
+    ``survivor_signature`` its own signature on it; ``context`` the session context it signs
+    and verifies every statement with.
     """
 
     node_id: int
+    context: bytes = b""
     phase: ClientPhase = ClientPhase.ADVERTISE_KEYS
     run_id: int = -1
     server_round: int = -1
@@ -75,6 +77,7 @@ def state_record(session: ClientSession) -> dict[str, bytes | int | str | list[i
         "node_id": st.node_id,
         "phase": str(st.phase),
         "authenticated": int(session.authenticated),
+        "context": st.context,
     }
     if st.params is None or st.share_key is None or st.mask_key is None:
         return record
@@ -134,6 +137,7 @@ def session_from_record(
             roster=roster,
             policy=policy,
             participation=participation,
+            context=_as(bytes, record.get("context", b"")),
         )
         st = session.state
         st.phase = ClientPhase(_as(str, record["phase"]))

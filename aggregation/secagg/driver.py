@@ -71,6 +71,7 @@ def run_secagg_round(
     identities: Iterable[NodeIdentity] | None = None,
     policy: SecAggPolicy | None = None,
     keep_masked_inputs: bool = True,
+    context: bytes = b"",
 ) -> RoundOutcome:
     """Run one round for the clients in ``inputs`` (node id -> float32 update, or an already
     quantized uint32 vector).
@@ -83,7 +84,8 @@ def run_secagg_round(
     ``tamper_reply(node, record)`` may rewrite any reply record before the server parses it (a
     malicious client). ``identities`` (one per input, ``inputs`` keyed by their node ids)
     makes the round authenticated; ``policy`` is every client's policy (default
-    ``SecAggPolicy()``); ``keep_masked_inputs`` goes to the ServerSession. ``rng`` drives the
+    ``SecAggPolicy()``); ``keep_masked_inputs`` goes to the ServerSession; ``context`` is the
+    session context of the server and every client (e.g. a signed job's id). ``rng`` drives the
     graph labelling only; stochastic rounding uses each client's CSPRNG. Raises
     SecAggAbortedError when the round cannot finish.
     """
@@ -103,11 +105,11 @@ def run_secagg_round(
             )
         roster = Roster.from_public_keys(i.public_key for i in by_id.values())
         clients = {
-            node: ClientSession(identity=by_id[node], roster=roster, policy=policy)
+            node: ClientSession(identity=by_id[node], roster=roster, policy=policy, context=context)
             for node in node_ids
         }
     else:
-        clients = {node: ClientSession(node, policy=policy) for node in node_ids}
+        clients = {node: ClientSession(node, policy=policy, context=context) for node in node_ids}
     server = ServerSession(
         params,
         run_id=run_id,
@@ -117,6 +119,7 @@ def run_secagg_round(
         on_message=on_message,
         roster=roster,
         keep_masked_inputs=keep_masked_inputs,
+        context=context,
     )
     errors: dict[int, Exception] = {}
 

@@ -7,9 +7,13 @@ the malicious setting with a PKI).
 - The **roster** (:class:`Roster`) maps node ids to identity public keys. The operator signs
   it out of band and every node holds it locally; this module only takes the mapping. It is
   the PKI: a signature is valid only under the roster key of the node it names.
-- Signed statements are domain-separated, fixed-width byte strings (:func:`advertise_statement`,
-  :func:`survivors_statement`), so a signature made for one purpose, run or round never
-  verifies for another.
+- Signed statements are domain-separated byte strings of fixed-width fields (and one
+  length-prefixed session context) (:func:`advertise_statement`, :func:`survivors_statement`),
+  so a signature made for one purpose, run, round or context never verifies for another.
+- The **session context** is what the caller binds every node of a session to besides run and
+  round (fedbrain: the id of the operator-signed job, so that every honest node of a session
+  verifiably holds the same job -- the same clipping norm and noise); nodes holding other
+  contexts reject each other's signatures.
 
 Ed25519 signing and verification come from ``cryptography`` (OpenSSL), which rejects
 non-canonical signatures (S >= L).
@@ -33,8 +37,10 @@ from aggregation.secagg.params import SecAggParams
 
 IDENTITY_KEY_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 64
-_ADVERTISE_DOMAIN: Final = b"fedbrain/secagg-plus/v1/advertise-keys\x00"
-_SURVIVORS_DOMAIN: Final = b"fedbrain/secagg-plus/v1/consistency-check\x00"
+MAX_CONTEXT_SIZE: Final = 1024
+"""The longest session context (bytes) a statement binds."""
+_ADVERTISE_DOMAIN: Final = b"fedbrain/secagg-plus/v2/advertise-keys\x00"
+_SURVIVORS_DOMAIN: Final = b"fedbrain/secagg-plus/v2/consistency-check\x00"
 
 
 def node_id_for(identity_public_key: bytes) -> int:
@@ -161,6 +167,23 @@ def _u64(value: int) -> bytes:
     return value.to_bytes(8, "big")
 
 
+def check_context(context: object) -> bytes:
+    """``context`` if it is a valid session context (bytes, at most :data:`MAX_CONTEXT_SIZE`);
+    TypeError / ValueError otherwise."""
+    if not isinstance(context, bytes):
+        raise TypeError(f"`context` must be bytes. Found {type(context).__name__}.")
+    if len(context) > MAX_CONTEXT_SIZE:
+        raise ValueError(
+            f"`context` must be at most {MAX_CONTEXT_SIZE} bytes (bind a digest). "
+            f"Found {len(context)}."
+        )
+    return context
+
+
+def _context_field(context: bytes) -> bytes:
+    return _u64(len(check_context(context))) + context
+
+
 def advertise_statement(
     *,
     run_id: int,
@@ -170,17 +193,21 @@ def advertise_statement(
     share_public_key: bytes,
     mask_public_key: bytes,
     seed_commitment: bytes,
+    context: bytes = b"",
 ) -> bytes:
-    """What a node signs when it advertises keys: run, round, its id, the round's parameters
-    (N, k, t, P, c, modulus), its two X25519 public keys and its self-mask seed commitment.
+    """What a node signs when it advertises keys: run, round, the session context, its id, the
+    round's parameters (N, k, t, P, c, modulus), its two X25519 public keys and its self-mask
+    seed commitment.
 
-    Binding the parameters means a peer that was told other parameters rejects the signature.
+    Binding the parameters and the context means a peer that was told other parameters, or
+    holds another context (another signed job), rejects the signature.
     """
     return b"".join(
         (
             _ADVERTISE_DOMAIN,
             _u64(run_id),
             _u64(server_round),
+            _context_field(context),
             _u64(node_id),
             _u64(params.num_clients),
             _u64(params.num_neighbours),
@@ -195,9 +222,19 @@ def advertise_statement(
     )
 
 
-def survivors_statement(*, run_id: int, server_round: int, survivor_ids: Sequence[int]) -> bytes:
-    """What a survivor signs in the consistency check: run, round and the sorted survivor set."""
+def survivors_statement(
+    *, run_id: int, server_round: int, survivor_ids: Sequence[int], context: bytes = b""
+) -> bytes:
+    """What a survivor signs in the consistency check: run, round, the session context and the
+    sorted survivor set."""
     ids = sorted(survivor_ids)
     return b"".join(
-        (_SURVIVORS_DOMAIN, _u64(run_id), _u64(server_round), _u64(len(ids)), *map(_u64, ids))
+        (
+            _SURVIVORS_DOMAIN,
+            _u64(run_id),
+            _u64(server_round),
+            _context_field(context),
+            _u64(len(ids)),
+            *map(_u64, ids),
+        )
     )

@@ -26,10 +26,11 @@ costs one dropout and never a silently wrong sum:
   round.
 
 Authenticated mode (constructed with ``roster``): advertise-keys replies must carry a valid
-identity signature, survivors sign the survivor set in the consistency-check stage, and each
-unmask request carries the survivors' signatures from the client's neighbourhood. Without a
-roster the session runs the semi-honest legacy protocol (four stages, no signatures); only
-unauthenticated clients take part in it.
+identity signature (over the round and the session ``context``: a node signing for another
+context -- another job -- is refused), survivors sign the survivor set in the
+consistency-check stage, and each unmask request carries the survivors' signatures from the
+client's neighbourhood. Without a roster the session runs the semi-honest legacy protocol
+(four stages, no signatures); only unauthenticated clients take part in it.
 
 Pruning: before the share-keys and masked-input stages the server keeps only the clients whose
 closed neighbourhood (itself and its neighbours) among the live clients has at least
@@ -52,7 +53,7 @@ from aggregation.secagg import primitives, shamir
 from aggregation.secagg.client import pairwise_mask_key, pairwise_sign
 from aggregation.secagg.errors import SecAggAbortedError, SecAggProtocolError
 from aggregation.secagg.graph import harary_graph
-from aggregation.secagg.identity import Roster
+from aggregation.secagg.identity import Roster, check_context
 from aggregation.secagg.messages import (
     AdvertiseKeysRequest,
     ConsistencyCheckRequest,
@@ -81,7 +82,9 @@ class ServerSession(ServerReplies):
     ``reject(node, reason)``. ``on_message`` (optional) sees every message the server handles,
     outgoing and incoming (rejected ones included).
 
-    ``roster`` (node id -> identity key) makes the round authenticated. ``keep_masked_inputs``
+    ``roster`` (node id -> identity key) makes the round authenticated; ``context`` is the
+    session context the clients bind their signatures to (fedbrain: the signed job's id; it
+    must be the one the clients were given). ``keep_masked_inputs``
     (default True) keeps each masked input, besides the running sum, until the masked-input
     stage closes, so that a client whose masks disagree with its neighbours' (garbage shares)
     or that can no longer be unmasked is taken out of the sum and is one dropout; it costs
@@ -101,7 +104,9 @@ class ServerSession(ServerReplies):
         on_message: MessageHook | None = None,
         roster: Roster | None = None,
         keep_masked_inputs: bool = True,
+        context: bytes = b"",
     ) -> None:
+        check_context(context)
         ids = list(node_ids)
         if len(set(ids)) != len(ids):
             raise ValueError("`node_ids` contains duplicates; sample each node once.")
@@ -124,6 +129,7 @@ class ServerSession(ServerReplies):
         self.server_round = server_round
         self.node_ids = tuple(sorted(ids))
         self.roster = roster
+        self.context = context
         self.keep_masked_inputs = keep_masked_inputs
         self._rng = rng
         self._on_message = on_message

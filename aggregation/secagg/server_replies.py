@@ -38,6 +38,7 @@ class ServerReplies:
     run_id: int
     server_round: int
     roster: Roster | None
+    context: bytes
     keep_masked_inputs: bool
     state: ServerState
     _on_message: MessageHook | None
@@ -159,6 +160,7 @@ class ServerReplies:
                 share_public_key=reply.share_public_key,
                 mask_public_key=reply.mask_public_key,
                 seed_commitment=reply.seed_commitment,
+                context=self.context,
             )
             try:
                 self.roster.verify(reply.node_id, reply.signature, statement)
@@ -213,6 +215,7 @@ class ServerReplies:
             run_id=self.run_id,
             server_round=self.server_round,
             survivor_ids=sorted(self.state.survivors),
+            context=self.context,
         )
         try:
             self.roster.verify(reply.node_id, reply.signature, statement)

@@ -82,6 +82,18 @@ def test_update_quantization_is_within_one_step_per_summand(
     assert np.all(np.abs(decoded - exact) <= nodes * layout.update_step * (1 + 1e-9))
 
 
+def test_update_rounding_comes_from_the_nodes_own_randomness_unless_a_seed_is_given() -> None:
+    # Halfway between two levels: the rounding direction is the random part. A node encodes
+    # without a seed (its own os.urandom), so nothing the server sends decides it.
+    layout = RingLayout(update_length=4096, update_range=1.0, max_summands=3)
+    update = np.full(4096, 100.5 * layout.update_step, dtype=np.float32)
+    first, second = (layout.encode(Contribution(update=update)) for _ in range(2))
+    assert not np.array_equal(first, second)
+    assert set(np.unique(first.view(np.int32))) <= {100, 101}
+    seeded = [layout.encode(Contribution(update=update), seed=bytes(32)) for _ in range(2)]
+    np.testing.assert_array_equal(seeded[0], seeded[1])  # tests may pin it
+
+
 def test_bad_inputs_are_refused_before_anything_is_encoded() -> None:
     layout = RingLayout(update_length=4, metrics=METRICS, max_summands=3)
     with pytest.raises(ValueError, match="float32 of shape"):

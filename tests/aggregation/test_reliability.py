@@ -144,13 +144,25 @@ def test_low_participation_deducts_with_the_documented_reason() -> None:
     assert result.reasons == (f"participation 0.55 < 0.8: -{expected:.3f}",)
 
 
-def test_nan_client_loss_scores_zero_naming_the_client() -> None:
-    obs = healthy(client_metrics=[{"loss": 0.5}, {"loss": NAN}])
+def test_one_clients_nan_or_inf_metric_is_left_out_with_a_reason_not_a_veto() -> None:
+    clean = score_round(healthy(client_metrics=[{"loss": 0.5}, {"loss": 0.52}]))
+    for bad in (NAN, INF):
+        obs = healthy(client_metrics=[{"loss": 0.5}, {"loss": 0.52}, {"loss": bad}])
+        result = score_round(obs)
+        assert not result.fatal
+        assert result.score == clean.score > 0.5  # the other clients' round, as if it had not
+        assert result.components["eval_loss"] == pytest.approx(0.51)
+        assert result.reasons[0] == f"evaluating client 2 left out: non-finite loss {bad}"
+    obs = healthy(client_metrics=[{"loss": 0.5, "accuracy": NAN}, {"loss": 0.5, "accuracy": 0.9}])
     result = score_round(obs)
-    assert result.score == 0.0
-    assert result.reasons[-1].startswith("non-finite eval_loss")  # the mean is NaN as well
-    obs = healthy(eval_loss=0.5, client_metrics=[{"loss": 0.5}, {"loss": NAN}])
-    assert "evaluating client 1" in score_round(obs).reasons[-1]
+    assert not result.fatal and "client 0 left out: non-finite accuracy nan" in result.reasons[0]
+    assert result.components["eval_accuracy"] == pytest.approx(0.9)
+    # Every client left out: no evaluation to score (a deduction, not a veto either).
+    result = score_round(healthy(client_metrics=[{"loss": NAN}]))
+    assert not result.fatal and "no federated evaluation reported" in result.reasons[-1]
+    # A non-finite round-level aggregate is still fatal: it is not one client's.
+    obs = healthy(eval_loss=NAN, client_metrics=[{"loss": 0.5}])
+    assert score_round(obs).fatal
 
 
 def test_loss_doubling_is_divergence_and_scores_zero() -> None:

@@ -25,10 +25,15 @@ from clients.budget import (
     StoreLockTimeoutError,
     dataset_key,
 )
+from clients.credentials import STATE_DIR
+from clients.demo_data import write_demo_dataset
 from clients.policy import NodePolicy, parse_policy
+from manifests.catalog import NodeType
+from manifests.jobspec import JobSpec
 from manifests.signed_job import sign_job, verify_signed_job
 from tests.clients.test_policy import sensing
 from tests.manifests.test_roster import NOW, OPERATOR, trusted
+from tests.support.federation import provision
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DATA: Final = "iot:/data/node-1"
@@ -62,14 +67,31 @@ print(accepted)
 """
 
 
-def run_python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+NODE_SCRIPT: Final = """
+import sys
+from pathlib import Path
+from clients import protocol
+from clients.app import make_client_app
+from clients.config import NodeConfig
+from clients.protocol import RoundConfig, Work
+from manifests.catalog import NodeType
+from tests.support.client_apps import content, context, message
+kit, data, job = map(Path, sys.argv[1:4])
+app = make_client_app({0: NodeConfig(NodeType.SENSING, data, kit=kit)})
+rnd = RoundConfig(server_round=1, work=Work.RANGES)
+reply = app(message(protocol.FIT, content(job.read_bytes(), rnd), 10), context(10, 0))
+print(reply.error.reason if reply.has_error() else "released")
+"""
+
+
+def run_python(script: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", script, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 
@@ -251,3 +273,45 @@ def test_a_malformed_participation_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "participation.json").write_text('{"version": 1, "run_ids": [1], "rounds": []}')
     with pytest.raises(BudgetStoreError, match="participation"):
         ParticipationStore(tmp_path).admit(1, 1)
+
+
+def test_a_restarted_node_process_keeps_its_lifetime_budget_and_refuses_a_job_beyond_it(
+    tmp_path: Path,
+) -> None:
+    """The node itself, restarted: each job runs in a fresh process that loads the kit and
+    answers through the ClientApp. The first process releases a job of epsilon ~4 against a
+    lifetime of 6; the next process refuses a job of epsilon 3 with the reason (nothing
+    written), and still answers the first job, which it does not charge again."""
+    policy = '[default]\nmin_privacy_level = "dp"\nmax_epsilon = 5.0\nlifetime_epsilon = 6.0\n'
+    federation = provision(tmp_path / "federation", 1, NodeType.SENSING, policy=policy)
+    write_demo_dataset("iot", tmp_path / "data" / "iot", 30, seed=4)
+    kit, data = federation.kits[0], tmp_path / "data"
+    jobs = {}
+    for name, epsilon in (("first", 4.0), ("second", 3.0)):
+        job = JobSpec.from_mapping(
+            {
+                "component": "sensing",
+                "base_model": "iot",
+                "task": "normalizer",
+                "privacy_level": "dp",
+                "dp": {"unit": "example", "target_epsilon": epsilon, "delta": 1e-5},
+            }
+        )
+        jobs[name] = tmp_path / f"{name}.dsse.json"
+        jobs[name].write_bytes(federation.sign(job))
+    budget = kit / STATE_DIR / BUDGET_FILE
+
+    def node_process(job: str) -> str:
+        # a node process imports torch and flwr: allow for a loaded CI machine
+        process = run_python(NODE_SCRIPT, str(kit), str(data), str(jobs[job]), timeout=600.0)
+        return process.stdout.strip()
+
+    assert node_process("first") == "released"
+    spent = json.loads(budget.read_bytes())
+    before = budget.read_bytes()
+    reason = node_process("second")  # a new process: nothing but the kit's files remembers
+    assert "JobRefusedError: this node's lifetime privacy budget refuses it" in reason, reason
+    assert "of its lifetime budget 6" in reason
+    assert budget.read_bytes() == before  # the refused job was not recorded
+    assert node_process("first") == "released"  # the same job again: charged once
+    assert json.loads(budget.read_bytes()) == spent

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -333,6 +334,34 @@ def test_summed_from_content_refuses_wrong_length_dtype_nan_and_metric_sets(
 ) -> None:
     with pytest.raises(ValueError, match=expected):
         summed_from_content(content, update_length=5, metrics=SPECS, statistics_length=3)
+
+
+def test_summed_from_content_refuses_metric_sums_above_their_bound_for_the_count() -> None:
+    # 12 examples of loss at most 4 each: at most 48 (a node's one row of means: at most 4).
+    at_bound = _reply(metrics=MetricRecord({"examples": 12.0, "train_loss": 48.0}))
+    assert summed_from_content(
+        at_bound, update_length=5, metrics=SPECS, statistics_length=3
+    ).metrics == {Metric.EXAMPLES: 12.0, Metric.TRAIN_LOSS: 48.0}
+    for values, why in (
+        ({"examples": 12.0, "train_loss": 48.1}, "is 48.1, above its bound 4 x 12 unit"),
+        ({"examples": 1e-300, "train_loss": 1e300}, "is 1e+300, above its bound 4 x 1e-300"),
+        ({"examples": 0.0, "train_loss": 1.0}, "is 1.0, above its bound 4 x 0 unit"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            summed_from_content(
+                _reply(metrics=MetricRecord(values)),  # type: ignore[arg-type]
+                update_length=5,
+                metrics=SPECS,
+                statistics_length=3,
+            )
+    node_means = (MetricSpec(Metric.CLIPPED, 1.0),)
+    with pytest.raises(ValueError, match=re.escape("above its bound 1 x 1 unit")):
+        summed_from_content(
+            _reply(update=None, statistics=None, metrics=MetricRecord({"clipped": 2.0})),
+            update_length=0,
+            metrics=node_means,
+            statistics_length=0,
+        )
 
 
 def test_summed_from_content_refuses_an_update_the_collection_does_not_expect() -> None:

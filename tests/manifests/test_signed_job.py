@@ -25,6 +25,7 @@ from manifests.signed_job import (
     SignedJobKeyRevokedError,
     SignedJobKeyUntrustedError,
     SignedJobPayloadTypeError,
+    envelope_job_id,
     sign_job,
     verify_signed_job,
 )
@@ -78,6 +79,14 @@ def test_signing_is_deterministic_and_the_job_id_changes_with_any_field() -> Non
         for e in (signed(), signed(federation="other"), signed(issued_at=ISSUED - timedelta(1)))
     }
     assert len(ids) == 3
+
+
+def test_the_server_reads_the_same_job_id_as_the_nodes_verify() -> None:
+    for envelope in (signed(), signed(federation="other")):
+        assert envelope_job_id(envelope) == verify_signed_job(envelope, trusted(), now=NOW).job_id
+    for bad in (b"not json", b"[]", b'{"payload": 3}', b'{"payload": "not base64!"}'):
+        with pytest.raises(SignedJobFormatError):
+            envelope_job_id(bad)
 
 
 def test_without_a_federation_to_check_any_federation_is_returned() -> None:

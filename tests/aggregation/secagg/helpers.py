@@ -99,6 +99,7 @@ def federation(
     policy: SecAggPolicy | None = None,
     people: list[NodeIdentity] | None = None,
     keep_masked_inputs: bool = True,
+    context: bytes = b"",
 ) -> Federation:
     ids = {i.node_id: i for i in (people or identities(params.num_clients))}
     roster = Roster.from_public_keys(i.public_key for i in ids.values())
@@ -110,8 +111,12 @@ def federation(
         rng=np.random.default_rng(seed),
         roster=roster,
         keep_masked_inputs=keep_masked_inputs,
+        context=context,
     )
-    clients = {n: ClientSession(identity=i, roster=roster, policy=policy) for n, i in ids.items()}
+    clients = {
+        n: ClientSession(identity=i, roster=roster, policy=policy, context=context)
+        for n, i in ids.items()
+    }
     return Federation(
         params=params,
         ids=ids,

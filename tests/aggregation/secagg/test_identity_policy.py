@@ -81,7 +81,7 @@ def test_roster_verify_raises_for_a_wrong_signer_statement_or_unknown_node() -> 
         roster.verify(stranger.node_id, stranger.sign(b"statement"), b"statement")
 
 
-def test_signed_statements_bind_purpose_run_round_node_and_parameters() -> None:
+def test_signed_statements_bind_purpose_run_round_node_parameters_and_context() -> None:
     keys = {"share_public_key": b"s" * 32, "mask_public_key": b"m" * 32}
     base = advertise_statement(
         run_id=1, server_round=2, node_id=3, params=PARAMS, seed_commitment=b"c" * 32, **keys
@@ -109,7 +109,17 @@ def test_signed_statements_bind_purpose_run_round_node_and_parameters() -> None:
         advertise_statement(
             run_id=1, server_round=2, node_id=3, params=PARAMS, seed_commitment=b"d" * 32, **keys
         ),
+        advertise_statement(
+            run_id=1,
+            server_round=2,
+            node_id=3,
+            params=PARAMS,
+            seed_commitment=b"c" * 32,
+            context=b"another job",
+            **keys,
+        ),
         survivors_statement(run_id=1, server_round=2, survivor_ids=[3]),
+        survivors_statement(run_id=1, server_round=2, survivor_ids=[3], context=b"another job"),
     ]
     assert len({base, *variants}) == len(variants) + 1
     assert survivors_statement(run_id=1, server_round=2, survivor_ids=[5, 3]) == (

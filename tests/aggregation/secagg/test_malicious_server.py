@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from aggregation.secagg import (
+    AdvertiseKeysReply,
     AdvertiseKeysRequest,
     ClientPhase,
     ClientSession,
@@ -20,11 +21,13 @@ from aggregation.secagg import (
     MaskedInputRequest,
     NodeIdentity,
     ParticipationLog,
+    SecAggAuthenticationError,
     SecAggMessage,
     SecAggParams,
     SecAggPolicy,
     SecAggProtocolError,
     SecAggRefusedError,
+    ServerSession,
     ShareKeysRequest,
     Stage,
     UnmaskRequest,
@@ -32,7 +35,7 @@ from aggregation.secagg import (
 )
 from aggregation.secagg.identity import advertise_statement, survivors_statement
 from aggregation.secagg.primitives import generate_private_key, public_bytes
-from tests.aggregation.secagg.helpers import PARAMS, federation, freeze, plain_sum
+from tests.aggregation.secagg.helpers import PARAMS, Federation, federation, freeze, plain_sum
 
 
 def test_client_refuses_peer_keys_substituted_by_the_server() -> None:
@@ -424,4 +427,92 @@ def test_authenticated_session_survives_state_records_and_cannot_be_restored_una
     with pytest.raises(SecAggProtocolError, match="Malformed client session state"):
         ClientSession.from_state_record(
             {**states[node], "node_id": fed.nodes[1]}, identity=fed.ids[node], roster=fed.roster
+        )
+
+
+JOB_A, JOB_B = b"fedbrain/job/sha256:" + b"a" * 64, b"fedbrain/job/sha256:" + b"b" * 64
+
+
+def _forwarded(
+    fed: Federation, node: int, replies: Mapping[int, AdvertiseKeysReply]
+) -> ShareKeysRequest:
+    """What a malicious server forwards to ``node``: every neighbour's keys and signature as
+    they were advertised, whatever the neighbour signed them for."""
+    peers = tuple(sorted(fed.server.state.graph[node]))
+    return ShareKeysRequest(
+        run_id=1,
+        server_round=1,
+        node_id=node,
+        peer_ids=peers,
+        share_public_keys=tuple(replies[p].share_public_key for p in peers),
+        mask_public_keys=tuple(replies[p].mask_public_key for p in peers),
+        seed_commitments=tuple(replies[p].seed_commitment for p in peers),
+        signatures=tuple(replies[p].signature for p in peers),
+    )
+
+
+def test_clients_holding_different_contexts_refuse_each_others_keys() -> None:
+    # The server gives the target one job (context A) and everyone else another (context B)
+    # in one round, e.g. a tiny clipping norm for all but the target, so that the sum is the
+    # target's input. Every node signs its keys for its own context: the honest server refuses
+    # the target's reply, and a malicious one that forwards it anyway gets refusals.
+    fed = federation(context=JOB_B)
+    target = fed.nodes[0]
+    fed.clients[target] = ClientSession(identity=fed.ids[target], roster=fed.roster, context=JOB_A)
+    replies: dict[int, AdvertiseKeysReply] = {}
+    for node, request in fed.server.advertise_keys().items():
+        reply = fed.clients[node].handle(request)
+        assert isinstance(reply, AdvertiseKeysReply)
+        replies[node] = reply
+    with pytest.raises(SecAggProtocolError, match=f"Node {target}'s .* bad identity signature"):
+        fed.server.receive(replies[target])
+    for node in fed.nodes[1:]:
+        fed.server.receive(replies[node])
+    neighbour = min(fed.server.state.graph[target])
+    for node in (target, neighbour):  # each refuses the other's signature, deriving nothing
+        before = freeze(fed.clients[node].state)
+        with pytest.raises(SecAggRefusedError, match="another session context"):
+            fed.clients[node].share_keys(_forwarded(fed, node, replies))
+        assert freeze(fed.clients[node].state) == before
+    # Nodes that hold the same context accept each other (the forwarded keys of others).
+    others = [n for n in fed.nodes[1:] if target not in fed.server.state.graph[n]]
+    for node in others:
+        fed.clients[node].share_keys(_forwarded(fed, node, replies))
+
+
+def test_a_session_is_bound_to_its_context_at_every_stage() -> None:
+    fed = federation(context=JOB_A)
+    node, request = next(iter(fed.run(Stage.CONSISTENCY_CHECK).items()))
+    assert isinstance(request, ConsistencyCheckRequest)
+    record = fed.clients[node].to_state_record()
+    assert record["context"] == JOB_A
+    # A later stage that comes with another job is refused before the session is used.
+    with pytest.raises(SecAggRefusedError, match="refuses a request for another session context"):
+        ClientSession.from_state_record(
+            record, identity=fed.ids[node], roster=fed.roster, context=JOB_B
+        )
+    same = ClientSession.from_state_record(
+        record, identity=fed.ids[node], roster=fed.roster, context=JOB_A
+    )
+    reply = same.consistency_check(request)
+    # The survivor-set signature is bound to the context too.
+    statement_a = survivors_statement(
+        run_id=1, server_round=1, survivor_ids=request.survivor_ids, context=JOB_A
+    )
+    statement_b = survivors_statement(
+        run_id=1, server_round=1, survivor_ids=request.survivor_ids, context=JOB_B
+    )
+    fed.roster.verify(node, reply.signature, statement_a)
+    with pytest.raises(SecAggAuthenticationError):
+        fed.roster.verify(node, reply.signature, statement_b)
+    with pytest.raises(ValueError, match="at most 1024 bytes"):
+        ClientSession(identity=fed.ids[node], roster=fed.roster, context=b"x" * 1025)
+    with pytest.raises(TypeError, match="`context` must be bytes"):
+        ServerSession(
+            PARAMS,
+            run_id=1,
+            server_round=1,
+            node_ids=fed.nodes,
+            rng=np.random.default_rng(0),
+            context="job",  # type: ignore[arg-type]
         )
