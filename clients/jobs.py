@@ -32,6 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from aggregation.accountant import PrivacyEvent, SubsampledGaussianEvent
 from aggregation.codec import EXAMPLE_CAP, Metric, MetricSpec, RingLayout
 from aggregation.ddp import DdpConfig, DistributedMechanism
@@ -68,6 +71,7 @@ __all__ = [
     "JobPrivacy",
     "analytics_row_bound",
     "analytics_statistics_length",
+    "clip_statistic_rows",
     "collection_events",
     "collections_per_round",
     "dp_sgd_noise_multiplier",
@@ -216,13 +220,33 @@ def analytics_statistics_length(job: JobSpec, work: Work) -> int:
 
 
 def analytics_row_bound(job: JobSpec, work: Work) -> float:
-    """The largest L2 norm of one example's statistics row before normalisation: ``sqrt(F)``
-    for the ranges histogram (a distribution per feature), ``sqrt(1 + 2F)`` for moments.
-    Nodes divide each row by it, so every released row has norm <= 1."""
+    """The L2 clipping norm of one example's statistics row: ``sqrt(F) / 2`` for the ranges
+    histogram (F per-feature distributions, each of norm <= 1), ``sqrt(1 + F / 2)`` for the
+    ``1 + 2F`` centred moments (each moment in [-1, 1]).
+
+    Nodes scale each row down to this norm when it is longer and divide it by the norm, so
+    every released row has norm <= 1 (the sensitivity the noise is calibrated for). The
+    worst-case norms ``sqrt(F)`` and ``sqrt(1 + 2F)`` are far above a typical row's (values
+    spread over several bins; centred moments well inside [-1, 1]), and a row scaled down as a
+    whole keeps its own ratios -- mean, variance and histogram shape are only *weighted*
+    differently -- so the tighter norms cost little bias and cut the noise by 2-3x.
+    """
     features = len(sensing_ranges(job).features)
+    if not job.privacy_level.uses_dp:  # no noise to save: the worst-case norms, nothing clipped
+        return math.sqrt(features if work is Work.RANGES else contribution_length(features))
     if work is Work.RANGES:
-        return math.sqrt(features)
-    return math.sqrt(contribution_length(features))
+        return math.sqrt(features) / 2.0
+    return math.sqrt(1.0 + features / 2.0)
+
+
+def clip_statistic_rows(
+    rows: npt.NDArray[np.float64], bound: float
+) -> npt.NDArray[np.float64]:
+    """Rows scaled down to L2 norm ``bound`` where longer, then divided by it (norm <= 1)."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+    clipped: npt.NDArray[np.float64] = rows * (scale / bound)
+    return clipped
 
 
 # --------------------------------------------------------------------------- metrics

@@ -9,7 +9,8 @@ to use an aggregate, how to checkpoint, and what the artifact's tensors are.
   sums become the round's loss, accuracy, perplexity and unigram baseline.
 - :class:`AnalyticsWorkload`: the sensing normalizers. Each round is two collections: the
   ranges phase releases per-feature histograms over the public ranges, from which the server
-  takes each feature's clipping range (the ``1 - 2q`` central mass, :data:`RANGE_TAIL` = q);
+  takes each feature's clipping range (the histogram's significant support, widened to mean
+  +- 4 std: :func:`clipping_ranges`);
   the moments phase then sums per-example ``[1, mean u, mean u^2]`` rows clipped to those
   ranges, and the normalizer (mean, std) comes from the sums.
 """
@@ -45,7 +46,8 @@ from clients.sensing import FeatureRanges, normalizer_from_centred_sum
 from manifests.jobspec import JobSpec
 
 __all__ = [
-    "RANGE_TAIL",
+    "RANGE_SIGNIFICANCE",
+    "RANGE_SPREAD",
     "AnalyticsWorkload",
     "ModelWorkload",
     "Workload",
@@ -56,8 +58,10 @@ __all__ = [
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
 
-RANGE_TAIL: Final = 0.005
-"""Mass cut from each tail of a feature's released histogram to set its clipping range."""
+RANGE_SIGNIFICANCE: Final = 5.0
+"""Noise standard deviations a histogram tail's mass must exceed to count as data."""
+RANGE_SPREAD: Final = 4.0
+"""A clipping range reaches this many standard deviations either side of the mean."""
 _STATS_HI: Final = "statistics.hi"
 _STATS_LO: Final = "statistics.lo"
 _RANGE_LOW: Final = "ranges.low"
@@ -226,30 +230,46 @@ def clipping_ranges(
     histogram: F64,
     *,
     noise_stddev: float = 0.0,
-    tail: float = RANGE_TAIL,
+    significance: float = RANGE_SIGNIFICANCE,
+    spread: float = RANGE_SPREAD,
 ) -> FeatureRanges:
-    """Per feature, the range holding the central ``1 - 2 tail`` of a (noised) histogram over
-    the public range, widened to whole bins; the public range when the histogram is empty.
+    """Per feature, the clipping range for the moments phase, from a (noised) histogram over
+    the public range; the public range where no part of the histogram stands out.
 
-    Bins below four noise standard deviations (``noise_stddev``, in counts) are read as
-    empty: otherwise the noise on the many empty bins of a wide public range would move the
-    tails out to its ends.
+    1. The *support*: the bins from the lowest to the highest edge beyond which the noised
+       mass is still significant -- the mass of the ``m`` outermost bins above
+       ``significance x noise_stddev x sqrt(m)`` (their noise's standard deviation is
+       ``noise_stddev sqrt(m)``, in counts). Summing over the tail lets a long thin tail count
+       (each of its bins is lost in the noise, together they are not), while the noise on the
+       many empty bins of a wide public range passes only with probability ~1e-7 per test.
+    2. The mean and standard deviation of the noised counts over the support.
+    3. The range: the support, widened to ``mean +- spread x std`` where that is wider,
+       within the public range. Wider ranges cost noise in the moments (the noise is relative
+       to the range), narrower ones clip the data's tails.
     """
     features = len(public.features)
-    counts = histogram.reshape(features, HISTOGRAM_BINS)
-    counts = np.where(counts > 4.0 * noise_stddev, counts, 0.0)
+    raw = histogram.reshape(features, HISTOGRAM_BINS)
     low, high = public.low.copy(), public.high.copy()
     width = (public.high - public.low) / HISTOGRAM_BINS
+    threshold = significance * noise_stddev * np.sqrt(np.arange(1.0, HISTOGRAM_BINS + 1))
     for f in range(features):
-        total = counts[f].sum()
-        if not total > 0:
+        counts = raw[f]
+        above = np.flatnonzero(np.cumsum(counts[::-1])[::-1] > threshold[::-1])
+        below = np.flatnonzero(np.cumsum(counts) > threshold)
+        if above.size == 0 or below.size == 0:
             continue
-        cdf = np.cumsum(counts[f]) / total
-        first = int(np.searchsorted(cdf, tail, side="left"))
-        last = int(np.searchsorted(cdf, 1.0 - tail, side="left"))
-        first, last = min(first, HISTOGRAM_BINS - 1), min(max(last, first), HISTOGRAM_BINS - 1)
-        low[f] = public.low[f] + first * width[f]
-        high[f] = public.low[f] + (last + 1) * width[f]
+        first, last = sorted((int(below.min()), int(above.max())))
+        inside = counts[first : last + 1]
+        centres = public.low[f] + (np.arange(first, last + 1) + 0.5) * width[f]
+        lo = public.low[f] + first * width[f]
+        hi = public.low[f] + (last + 1) * width[f]
+        mass = float(inside.sum())
+        if mass > 0:
+            mean = float((inside * centres).sum()) / mass
+            var = max(float((inside * np.square(centres - mean)).sum()) / mass, 0.0)
+            std = math.sqrt(var + width[f] ** 2 / 12.0)
+            lo, hi = min(lo, mean - spread * std), max(hi, mean + spread * std)
+        low[f], high[f] = max(public.low[f], lo), min(public.high[f], hi)
     return FeatureRanges(public.features, low, high)
 
 

@@ -174,6 +174,25 @@ def _bundle_cell(result: JobResult) -> str:
     return outcome.bundle.name
 
 
+def learning_text(metrics: Mapping[str, float]) -> str:
+    """What the job learned, against its baseline: an LM's perplexity against the public
+    unigram baseline, a classifier's held-out accuracy against the untrained model, or (in a
+    simulation) a normalizer's worst std error against the pooled data."""
+    if "simulation_std_error" in metrics:
+        return f"std within {metrics['simulation_std_error']:.1%} of pooled data*"
+    if "eval_perplexity" in metrics:
+        text = f"perplexity {metrics['eval_perplexity']:.2f}"
+        if "baseline_perplexity" in metrics:
+            text += f" (unigram {metrics['baseline_perplexity']:.2f})"
+        return text
+    if "eval_accuracy" in metrics:
+        text = f"accuracy {metrics['eval_accuracy']:.3f}"
+        if "initial_eval_accuracy" in metrics:
+            text += f" (untrained {metrics['initial_eval_accuracy']:.3f})"
+        return text
+    return "-"
+
+
 def summary_table(result: SimulationResult) -> Table:
     """One row per job: status, rounds, epsilon@delta and DP unit, reliability, bundle."""
     table = Table(title=f"fedbrain simulate: {result.scenario.name}", title_justify="left")
@@ -182,14 +201,16 @@ def summary_table(result: SimulationResult) -> Table:
     table.add_column("rounds", justify="right")
     table.add_column("privacy: ε @ δ (DP unit)", no_wrap=True)
     table.add_column("reliability", justify="right")
+    table.add_column("learning vs baseline", overflow="fold")
     table.add_column("bundle", overflow="fold")  # the file name; full paths below
     table.add_column("verification", overflow="fold")
     for job_result in result.results:
         outcome = job_result.outcome
         style = _STATUS_STYLE[job_result.status]
         if outcome is None:
-            rounds, privacy, reliability = "-", "-", "-"
+            rounds, privacy, reliability, learning = "-", "-", "-", "-"
         else:
+            learning = learning_text(outcome.metrics)
             rounds = str(outcome.rounds_completed)
             privacy = dp_text(outcome.epsilon, outcome.delta, outcome.dp_unit)
             reliability = "-" if outcome.reliability is None else f"{outcome.reliability:.2f}"
@@ -205,6 +226,7 @@ def summary_table(result: SimulationResult) -> Table:
             rounds,
             escape(privacy),
             reliability,
+            escape(learning),
             escape(_bundle_cell(job_result)),
             verdict,
         )
@@ -228,6 +250,11 @@ def print_summary(console: Console, result: SimulationResult) -> None:
             console.print(
                 f"[red]failed[/] {escape(job_result.job.artifact_name)}: {escape(reason)}"
             )
+    if any(r.outcome and "simulation_std_error" in r.outcome.metrics for r in result.results):
+        console.print(
+            "* the released normalizer's worst per-feature std error against every node's "
+            "pooled data: a check only a simulation can make (not part of any bundle)"
+        )
     bundles = [
         r.outcome.bundle for r in result.results if r.outcome and r.outcome.bundle is not None
     ]

@@ -212,6 +212,9 @@ def test_model_jobs_fit_then_evaluate_and_sensing_jobs_collect_ranges_then_momen
     assert analytics_statistics_length(iot, Work.MOMENTS) == 11
     assert analytics_row_bound(iot, Work.RANGES) == pytest.approx(math.sqrt(5))
     assert analytics_row_bound(iot, Work.MOMENTS) == pytest.approx(math.sqrt(11))
+    # Under DP, rows are clipped well below their worst-case norms sqrt(F) and sqrt(1 + 2F).
+    assert analytics_row_bound(iot_dp(), Work.RANGES) == pytest.approx(math.sqrt(5) / 2)
+    assert analytics_row_bound(iot_dp(), Work.MOMENTS) == pytest.approx(math.sqrt(3.5))
     assert metrics_for(iot, Work.MOMENTS) == ()
     assert sensing_ranges(sensing_job("audio")).features[-1] == f"mel_{SENSING_N_MELS - 1:03d}"
 
@@ -615,7 +618,10 @@ def test_a_sensing_node_contributes_scaled_rows_and_needs_ranges_for_moments(
         NodeState(),
     )
     values = sensing_values(job, tmp_path)
-    expected = moment_rows(values, IOT_RANGES.low, IOT_RANGES.high) / math.sqrt(11)
+    bound = analytics_row_bound(job, Work.MOMENTS)
+    rows = moment_rows(values, IOT_RANGES.low, IOT_RANGES.high)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    expected = rows * np.minimum(1.0, bound / norms) / bound  # clipped to the bound, then scaled
     np.testing.assert_allclose(moments.statistic_rows, expected)
     for rows in (ranges.statistic_rows, moments.statistic_rows):
         assert np.all(np.linalg.norm(rows, axis=1) <= 1.0 + 1e-12)
