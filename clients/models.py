@@ -1,10 +1,14 @@
 """Model builders: encoders (ViT, wav2vec2, MPNet) and the GPT-2 language model.
 
 Models are built from ``transformers`` *config classes* (random initialisation) or from a local
-safetensors checkpoint; nothing is downloaded. A :class:`ModelSpec` starts from the real base
-configuration of its family (ViT-B/16, wav2vec2-base, mpnet-base, GPT-2 small) and the learning
-form's ``hidden_size`` / ``num_layers`` / ``num_heads`` / ``embedding_dim`` / input spec override
-it, so the same code builds a tiny model for tests and the full-size one.
+pretrained checkpoint (a Hugging Face folder, :mod:`clients.checkpoints`); nothing is
+downloaded. A :class:`ModelSpec` starts from the real base configuration of its family
+(ViT-B/16, wav2vec2-base, mpnet-base, GPT-2 small) and the learning form's ``hidden_size`` /
+``num_layers`` / ``num_heads`` / ``embedding_dim`` / input spec override it, so the same code
+builds a tiny model for tests and the full-size one. A checkpoint must agree with those sizes.
+
+What is trained is the spec's :class:`Adaptation`: every weight, LoRA adapters (``peft``) plus
+the heads, or the heads alone (:mod:`clients.adaptation`: only the trainable tensors travel).
 
 Text models use the byte-level vocabulary of :mod:`clients.data` (260 ids), not a downloaded
 tokenizer. Encoders return an :class:`EncoderOutput`: the mean-pooled last hidden state through a
@@ -53,11 +57,22 @@ from transformers import (
 )
 from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
+from clients.checkpoints import (
+    VOLATILE_CONFIG_KEYS,
+    CheckpointError,
+    checkpoint_digest,
+    load_heads,
+    load_pretrained,
+    quiet_transformers,
+    save_heads,
+)
 from clients.data import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
-from manifests.confighash import canonical_json
+from manifests.confighash import JsonValue, canonical_json
 
 __all__ = [
     "BASE_MODEL_FAMILIES",
+    "LORA_TARGETS",
+    "Adaptation",
     "CheckpointError",
     "EncoderModel",
     "EncoderOutput",
@@ -70,6 +85,7 @@ __all__ = [
     "load_checkpoint",
     "model_config",
     "model_fingerprint",
+    "save_base",
     "save_checkpoint",
     "set_weights",
     "spec_for_base_model",
@@ -90,6 +106,20 @@ class ModelFamily(StrEnum):
     def is_encoder(self) -> bool:
         """Whether the family is an embedding encoder (else: a language model)."""
         return self is not ModelFamily.GPT2
+
+
+class Adaptation(StrEnum):
+    """Which weights fine-tuning trains (and the nodes send).
+
+    ``full``: every weight. ``lora``: low-rank adapters (Hu et al. 2021, "LoRA: Low-Rank
+    Adaptation of Large Language Models") on the attention and MLP linears, plus the encoder
+    heads; the backbone stays frozen. ``head``: only the heads (encoders: projection and
+    classifier; GPT-2: the final layer norm and the tied byte embedding / LM head).
+    """
+
+    FULL = "full"
+    LORA = "lora"
+    HEAD = "head"
 
 
 BASE_MODEL_FAMILIES: dict[str, ModelFamily] = {
@@ -133,7 +163,12 @@ class ModelSpec:
     ``None`` keeps the base value. ``intermediate_size`` defaults to ``4 * hidden_size``,
     ``embedding_dim`` to ``hidden_size`` (encoders only), ``dropout`` (all dropout
     probabilities) to the base config's. ``num_classes`` adds a classifier over the embedding.
-    ``checkpoint`` is a local safetensors file loaded strictly after building.
+
+    ``checkpoint``: a local pretrained base, a Hugging Face folder (``config.json`` +
+    safetensors, see :func:`build_model`), or a single safetensors file of the whole model
+    (:func:`save_checkpoint`). ``adaptation`` with ``lora_rank`` / ``lora_alpha`` /
+    ``lora_targets`` (module-name suffixes; ``None``: :data:`LORA_TARGETS` of the family) says
+    what fine-tuning trains (``clients.adaptation``).
     """
 
     family: ModelFamily
@@ -149,10 +184,34 @@ class ModelSpec:
     max_seq_length: int | None = None
     dropout: float | None = None
     checkpoint: Path | None = field(default=None, compare=False)
+    adaptation: Adaptation = Adaptation.FULL
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "family", ModelFamily(self.family))
         problems: list[str] = []
+        try:
+            object.__setattr__(self, "adaptation", Adaptation(self.adaptation))
+        except ValueError:
+            choices = ", ".join(a.value for a in Adaptation)
+            problems.append(f"`adaptation` must be one of {choices}. Found {self.adaptation!r}.")
+        for name in ("lora_rank", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"`{name}` must be a positive integer. Found {value!r}.")
+        if self.lora_targets is not None:
+            if not isinstance(self.lora_targets, str):
+                object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+            if (
+                isinstance(self.lora_targets, str)
+                or not self.lora_targets
+                or not all(isinstance(t, str) and t for t in self.lora_targets)
+            ):
+                problems.append(
+                    f"`lora_targets` must be non-empty module names. Found {self.lora_targets!r}."
+                )
         for name in (
             "hidden_size", "num_layers", "num_heads", "intermediate_size", "embedding_dim",
             "input_size", "patch_size", "sample_rate", "max_seq_length",
@@ -183,6 +242,15 @@ class ModelSpec:
                 )
         if problems:
             raise ValueError("Invalid model spec: " + " ".join(problems))
+
+    @property
+    def base_folder(self) -> Path | None:
+        """The pretrained base folder: ``checkpoint`` unless it names a ``.safetensors`` file
+        (the whole model's weights)."""
+        if self.checkpoint is None:
+            return None
+        path = Path(self.checkpoint)
+        return path if path.is_dir() or path.suffix != ".safetensors" else None
 
     @property
     def _base(self) -> _Base:
@@ -252,6 +320,9 @@ def spec_for_base_model(
     sample_rate: int | None = None,
     max_seq_length: int | None = None,
     checkpoint: Path | None = None,
+    adaptation: Adaptation | str = Adaptation.FULL,
+    lora_rank: int = 8,
+    lora_alpha: int = 16,
 ) -> ModelSpec:
     """The spec of a learning-form selection (the form's fields, ``None`` when not set)."""
     return ModelSpec(
@@ -265,6 +336,9 @@ def spec_for_base_model(
         sample_rate=sample_rate,
         max_seq_length=max_seq_length,
         checkpoint=checkpoint,
+        adaptation=Adaptation(adaptation),
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
 
 
@@ -368,6 +442,12 @@ class EncoderModel(nn.Module):
         self.projection = nn.Linear(hidden_size, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, num_classes) if num_classes else None
 
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The state-dict keys of fedbrain's heads (projection, classifier)."""
+        heads = ("projection",) if self.classifier is None else ("projection", "classifier")
+        return tuple(f"{h}.{p}" for h in heads for p in ("weight", "bias"))
+
     def forward(self, inputs: Tensor) -> EncoderOutput:
         if self.family is ModelFamily.MPNET:
             mask = inputs.ne(PAD_ID)
@@ -415,62 +495,151 @@ def _batch_relative_position_bias(backbone: MPNetModel) -> None:
     setattr(encoder, "compute_position_bias", types.MethodType(_batched_position_bias, encoder))  # noqa: B010
 
 
+def _backbone(
+    cls: type[PreTrainedModel], config: PretrainedConfig, folder: Path | None, **kwargs: bool
+) -> PreTrainedModel:
+    if folder is None:
+        return cls(config, **kwargs)
+    return load_pretrained(cls, folder, config, **kwargs)
+
+
 def build_model(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
-    """The model of ``spec`` (random init from ``seed``, or the spec's checkpoint), on CPU.
+    """The model of ``spec`` on CPU: random init from ``seed``, or the spec's checkpoint,
+    adapted for the spec's :class:`Adaptation`.
 
     Encoders are :class:`EncoderModel`; gpt2 is ``GPT2LMHeadModel``. Build under
     ``with torch.device("meta"):`` to inspect a full-size model without allocating it.
+
+    A checkpoint folder supplies the Hugging Face model (an encoder's backbone -- tensors
+    under its ``vit.`` / ``wav2vec2.`` / ``mpnet.`` prefix or none; GPT-2's LM, head tied);
+    its config must agree with the spec's sizes and its tensors must cover the model
+    (:class:`CheckpointError` naming each problem). fedbrain's encoder heads come from the
+    folder's ``fedbrain_heads.safetensors`` when it holds them (:func:`save_base`) and are
+    freshly initialised from ``seed`` otherwise -- a plain Hugging Face checkpoint has none.
+    LoRA adapters start as the identity (B = 0), drawn from ``seed``.
     """
     config = model_config(spec)
+    folder = spec.base_folder
+    path = None if spec.checkpoint is None else Path(spec.checkpoint)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model: nn.Module
         if isinstance(config, GPT2Config):
-            model = GPT2LMHeadModel(config)
+            model = _backbone(GPT2LMHeadModel, config, folder)
         else:
             backbone: PreTrainedModel
             if isinstance(config, ViTConfig):
-                backbone = ViTModel(config, add_pooling_layer=False)
+                backbone = _backbone(ViTModel, config, folder, add_pooling_layer=False)
             elif isinstance(config, Wav2Vec2Config):
-                backbone = Wav2Vec2Model(config)
+                backbone = _backbone(Wav2Vec2Model, config, folder)
             else:
-                backbone = MPNetModel(cast(MPNetConfig, config), add_pooling_layer=False)
-                _batch_relative_position_bias(backbone)
-            model = EncoderModel(
+                backbone = _backbone(MPNetModel, config, folder, add_pooling_layer=False)
+                _batch_relative_position_bias(cast(MPNetModel, backbone))
+            encoder = EncoderModel(
                 spec.family,
                 backbone,
                 hidden_size=spec.resolved_hidden_size,
                 embedding_dim=spec.resolved_embedding_dim,
                 num_classes=spec.num_classes,
             )
-    if spec.checkpoint is not None:
-        load_checkpoint(model, spec.checkpoint)
+            if folder is not None:
+                heads = {n: t for n, t in encoder.state_dict().items() if n in encoder.head_names}
+                loaded = load_heads(folder, {n: tuple(t.shape) for n, t in heads.items()})
+                with torch.no_grad():
+                    for name, tensor in loaded.items():
+                        heads[name].copy_(tensor)
+            model = encoder
+    if path is not None and folder is None:
+        load_checkpoint(model, path)
+    if spec.adaptation is not Adaptation.FULL:
+        from clients.adaptation import adapt  # here: imports peft only when a spec adapts
+
+        model = adapt(
+            model,
+            spec.adaptation,
+            lora_rank=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
+            target_modules=spec.lora_targets,
+            seed=seed,
+        )
     return model
 
 
-_VOLATILE_CONFIG_KEYS = frozenset({
-    "_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version",
-    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
-    "problem_type", "use_cache", "_attn_implementation_autoset",
-})  # fmt: skip
+def save_base(model: nn.Module, folder: Path, *, classifier: bool = False) -> Path:
+    """Write ``model`` as a pretrained base that :func:`build_model` loads: the Hugging Face
+    model with ``save_pretrained`` (an encoder's backbone; GPT-2's LM) and an encoder's
+    projection -- plus its classifier when ``classifier`` -- in ``fedbrain_heads.safetensors``.
+
+    The model must be plain (not LoRA-adapted: save ``clients.adaptation.merged_state`` into
+    a fresh model first). Returns ``folder``.
+    """
+    inner = unwrap(model)
+    if any("lora_" in name for name, _ in inner.named_parameters()):
+        raise ValueError(
+            "save_base needs a plain model: merge the LoRA adapters first "
+            "(clients.adaptation.merged_state, loaded into a model built without adaptation)."
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(inner, EncoderModel):
+        backbone: nn.Module = inner.backbone
+        if not isinstance(backbone, PreTrainedModel):
+            raise TypeError(f"Cannot save a {type(backbone).__name__} backbone.")
+        with quiet_transformers():
+            backbone.save_pretrained(folder)
+        keep = ("projection.", "classifier.") if classifier else ("projection.",)
+        save_heads(folder, {n: t for n, t in inner.state_dict().items() if n.startswith(keep)})
+    elif isinstance(inner, PreTrainedModel):
+        with quiet_transformers():
+            inner.save_pretrained(folder)
+    else:
+        raise TypeError(f"Cannot save a {type(inner).__name__} as a pretrained base.")
+    return folder
+
+
+LORA_TARGETS: dict[ModelFamily, tuple[str, ...]] = {
+    ModelFamily.VIT: ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+    ModelFamily.WAV2VEC2: (
+        "q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense",
+    ),
+    ModelFamily.MPNET: ("q", "k", "v", "o", "dense"),
+    ModelFamily.GPT2: ("c_attn", "c_proj", "c_fc"),
+}  # fmt: skip
+"""Default LoRA targets (module-name suffixes): every attention projection and both MLP linears
+of each transformer layer (``transformers`` 5 module names); not the embeddings, the
+convolutional feature extractor or the heads."""
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
     """``sha256:`` + hex SHA-256 of the RFC 8785 canonical JSON of the resolved model config.
 
     Covers the backbone config (minus library bookkeeping such as ``transformers_version``),
-    the family, the heads and the input spec; not the checkpoint path. A server and a node
-    with different fingerprints would exchange incompatible weights.
+    the family, the heads and the input spec; with a base folder, its content digest
+    (``clients.checkpoints.checkpoint_digest``, not its path -- a ``.safetensors`` file of the
+    whole model's weights is not part of it: every weight travels); with an adaptation other than
+    ``full``, the adaptation, rank, alpha and targets. A server and a node with different
+    fingerprints would exchange incompatible weights.
     """
     config = json.loads(model_config(spec).to_json_string(use_diff=False))
-    described = {
+    described: dict[str, JsonValue] = {
         "format": "fedbrain-model/1",
         "family": str(spec.family),
-        "backbone": {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},
+        "backbone": {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS},
         "embedding_dim": spec.resolved_embedding_dim if spec.family.is_encoder else None,
         "num_classes": spec.num_classes,
         "sample_rate": spec.resolved_sample_rate if spec.family is ModelFamily.WAV2VEC2 else None,
     }
+    if spec.base_folder is not None:
+        described["base"] = checkpoint_digest(spec.base_folder)
+    if spec.adaptation is not Adaptation.FULL:
+        described["adaptation"] = {
+            "kind": str(spec.adaptation),
+            "lora_rank": spec.lora_rank if spec.adaptation is Adaptation.LORA else None,
+            "lora_alpha": spec.lora_alpha if spec.adaptation is Adaptation.LORA else None,
+            "lora_targets": list(spec.lora_targets or LORA_TARGETS[spec.family])
+            if spec.adaptation is Adaptation.LORA
+            else None,
+        }
     return "sha256:" + hashlib.sha256(canonical_json(described)).hexdigest()
 
 
@@ -479,10 +648,6 @@ def model_fingerprint(spec: ModelSpec) -> str:
 
 class WeightsError(ValueError):
     """Arrays that do not fit the model (count, shape)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message lists every problem."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
