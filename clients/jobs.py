@@ -9,8 +9,10 @@ to decode, aggregate and account.
 Privacy parameters (:func:`job_privacy`):
 
 - the *update bound* a node clips its whole update to: ``dp.clipping_norm`` under node-level
-  DP; otherwise ``secagg.quantization_range``, else ``dp.clipping_norm``, else (secure levels)
-  :data:`DEFAULT_SECURE_RANGE`; 0 (no clipping) at level ``none`` without either;
+  DP; at secure-aggregation levels otherwise ``secagg.quantization_range`` or
+  :data:`DEFAULT_SECURE_RANGE` (the masked ring's range); at level ``none``
+  ``dp.clipping_norm`` if given; else 0 (no clipping: an example-level DP-SGD update is
+  private as it is, and ``dp.clipping_norm`` there bounds each example's gradient);
 - node-level DP: the update's noise multiplier ``z`` (``dp.noise_multiplier`` or calibrated for
   ``dp.target_epsilon`` over the planned rounds with every metric release included);
 - example-level DP-SGD: each node calibrates its own noise multiplier for
@@ -331,10 +333,13 @@ def _update_bound(job: JobSpec) -> float:
     level, dp, secagg = job.privacy_level, job.dp, job.secagg
     if level.uses_dp and dp.unit is DpUnit.NODE:
         return float(dp.clipping_norm or 0.0)
-    bound = secagg.quantization_range or dp.clipping_norm
-    if bound is None and level.uses_secure_agg:
-        return DEFAULT_SECURE_RANGE
-    return float(bound or 0.0)
+    if level.uses_secure_agg:
+        return float(secagg.quantization_range or DEFAULT_SECURE_RANGE)
+    if level is PrivacyLevel.NONE:  # an optional bound on plain updates (robustness)
+        return float(dp.clipping_norm or 0.0)
+    # Example-level DP in the clear: the DP-SGD update is private as it is; dp.clipping_norm
+    # bounds each example's gradient there, not the update.
+    return 0.0
 
 
 def update_length_for(job: JobSpec) -> int:
