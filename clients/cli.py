@@ -1,4 +1,5 @@
-"""Node commands: ``fedbrain node policy check FILE [--job JOB.toml]``.
+"""Node commands: ``fedbrain node policy check FILE [--job JOB.toml]``, ``fedbrain node start
+--kit DIR`` (the node's daemon, :mod:`clients.daemon`) and ``fedbrain node roster install``.
 
 Exit status: 0 the policy is valid (and, with a job, the node would accept it); 1 the node
 would refuse the job (the reasons are printed); 2 the policy or job file is invalid (every
@@ -13,12 +14,11 @@ from typing import Annotated
 
 import typer
 
-from clients.policy import PolicyError, load_policy
-from manifests.jobspec import JobSpecError, load_job
-
 __all__ = ["node_app", "register"]
 
-node_app = typer.Typer(help="A node's own files: its privacy policy.", no_args_is_help=True)
+node_app = typer.Typer(
+    help="A node: its daemon, its privacy policy, its roster.", no_args_is_help=True
+)
 policy_app = typer.Typer(help="The node's privacy policy (a TOML file).", no_args_is_help=True)
 node_app.add_typer(policy_app, name="policy")
 
@@ -35,6 +35,9 @@ def policy_check(
     ] = None,
 ) -> None:
     """Print the effective policy (defaults filled in) and, with --job, the node's decision."""
+    from clients.policy import PolicyError, load_policy  # torch/Opacus: only when needed
+    from manifests.jobspec import JobSpecError, load_job
+
     try:
         policy = load_policy(file)
     except PolicyError as error:
@@ -68,6 +71,54 @@ def policy_check(
     for reason in decision.reasons:
         typer.echo(f"- {reason}")
     raise typer.Exit(EXIT_REFUSED)
+
+
+roster_app = typer.Typer(help="The federation roster a node holds.", no_args_is_help=True)
+node_app.add_typer(roster_app, name="roster")
+
+
+@node_app.command("start")
+def node_start(
+    kit: Annotated[Path, typer.Option("--kit", help="The node kit folder.")],
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication: a demo only.")
+    ] = False,
+) -> None:
+    """Run this node's SuperNode (TLS, its Flower auth key, its policy) until it stops."""
+    from clients.daemon import NodeDeploymentError, load_deployment, run_node
+
+    try:
+        node = load_deployment(kit, insecure=insecure)
+    except NodeDeploymentError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    try:
+        code = run_node(node, insecure=insecure, echo=typer.echo)
+    except (OSError, NodeDeploymentError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    raise typer.Exit(code)
+
+
+@roster_app.command("install")
+def roster_install(
+    roster: Annotated[Path, typer.Argument(help="The new roster (roster.dsse.json).")],
+    kit: Annotated[Path, typer.Option("--kit", help="The node kit folder.")],
+) -> None:
+    """Install a newer roster signed by a trusted operator (after add-node / revoke-node)."""
+    from datetime import UTC, datetime
+
+    from clients.credentials import CredentialsError, install_roster
+
+    try:
+        installed = install_roster(kit, roster.read_bytes(), now=datetime.now(UTC))
+    except (CredentialsError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    typer.echo(
+        f"roster of {installed.federation!r} issued {installed.issued_at:%Y-%m-%dT%H:%M:%SZ} "
+        f"installed in {kit} ({len(installed.entries)} member(s))"
+    )
 
 
 def register(app: typer.Typer) -> None:

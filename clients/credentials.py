@@ -14,6 +14,14 @@ One folder per node (the *startup kit* that ``fedbrain provision`` writes; the n
       state/             node-local state: the privacy budget and the SecAgg+ participation
                          log (clients.policy.BudgetStore / ParticipationStore)
 
+    and, in a deployment kit (``fedbrain provision``; ``fedbrain node start`` reads them):
+
+      node.toml          the node's name and type, its data folder, the SuperLink's address
+                         and the local port of its ClientApp API
+      ca.crt.pem         the federation CA that verifies the SuperLink's TLS certificate
+      flower-auth.key    the SuperNode's Flower authentication key (EC, OpenSSH), mode 0600;
+      flower-auth.pub    its public half, registered with the SuperLink
+
 Nothing here comes from the server. :func:`load_credentials` refuses a kit whose roster is not
 signed by a trusted operator key or does not list this node (valid now), with a message that
 names the file and the reason.
@@ -40,7 +48,11 @@ from manifests.keys import TrustedKeys, format_timestamp
 from manifests.roster import Roster, RosterEntry, RosterError, verify_roster
 
 __all__ = [
+    "AUTH_KEY_FILE",
+    "AUTH_PUBLIC_KEY_FILE",
+    "CA_FILE",
     "IDENTITY_FILE",
+    "NODE_CONFIG_FILE",
     "OPERATORS_FILE",
     "POLICY_FILE",
     "ROSTER_FILE",
@@ -55,6 +67,10 @@ __all__ = [
 ]
 
 IDENTITY_FILE: Final = "identity.pem"
+NODE_CONFIG_FILE: Final = "node.toml"
+CA_FILE: Final = "ca.crt.pem"
+AUTH_KEY_FILE: Final = "flower-auth.key"
+AUTH_PUBLIC_KEY_FILE: Final = "flower-auth.pub"
 ROSTER_FILE: Final = "roster.dsse.json"
 OPERATORS_FILE: Final = "operators.json"
 POLICY_FILE: Final = "policy.toml"

@@ -1,4 +1,4 @@
-"""Signing commands: ``fedbrain keys generate``, ``bundle build``, ``verify``, ``demo``.
+"""Signing commands: ``fedbrain keys generate|revoke``, ``bundle build``, ``verify``, ``demo``.
 
 Exit codes (:mod:`manifests.cli_errors`): 0 done; 1 the bundle does not verify; 2 invalid
 input (a job, provenance, key or trusted-keys file that is missing or invalid). Errors are one
@@ -49,18 +49,43 @@ def keys_generate(
 
     try:
         start = parse_timestamp(not_before) if not_before else _now()
+        end = start + timedelta(days=valid_days)
+        if end <= _now():
+            raise ValueError(
+                f"the validity window {format_timestamp(start)} to {format_timestamp(end)} is "
+                "already over: such a key could never sign. Give a later --not-before or more "
+                "--valid-days"
+            )
         if (out / "signing_key.pem").exists() and not force:
             raise ValueError(f"{out / 'signing_key.pem'} exists; pass --force to replace it")
         key = SigningKey.generate()
-        private, public, trusted = write_keys(
-            out, key, not_before=start, not_after=start + timedelta(days=valid_days)
-        )
+        private, public, trusted = write_keys(out, key, not_before=start, not_after=end)
     except _FAILURES as exc:
         raise _fail(one_line(exc)) from None
     typer.echo(f"key id       {key.keyid}")
     typer.echo(f"private key  {private}")
     typer.echo(f"public key   {public}")
     typer.echo(f"trusted keys {trusted} (valid {format_timestamp(start)} + {valid_days} days)")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    keyid: Annotated[str, typer.Argument(help="The key id (sha256:...) to revoke.")],
+    trusted_keys: Annotated[
+        Path, typer.Option("--trusted-keys", help="The trusted-keys file to update in place.")
+    ],
+) -> None:
+    """Mark a key revoked in a trusted-keys file (offline; every verifier that uses the file
+    then rejects every bundle, job and roster the key signed, whatever its date)."""
+    from manifests.atomic import write_atomically
+    from manifests.keys import TrustedKeys
+
+    try:
+        updated = TrustedKeys.load(trusted_keys).revoke(keyid)
+        write_atomically(trusted_keys, updated.to_json())
+    except _FAILURES as exc:
+        raise _fail(one_line(exc)) from None
+    typer.echo(f"revoked {keyid} in {trusted_keys}")
 
 
 @bundle_app.command("build")
@@ -70,18 +95,38 @@ def bundle_build(
     provenance: Annotated[Path, typer.Option("--provenance", help="Provenance JSON file.")],
     key: Annotated[Path, typer.Option("--key", help="PEM PKCS#8 Ed25519 private key.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle to write (.zip).")],
+    trusted_keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--trusted-keys",
+            help="Trusted-keys file that pins the key's validity window "
+            "(default: trusted_keys.json beside the key).",
+        ),
+    ] = None,
 ) -> None:
-    """Build and sign a reproducible bundle; also writes artifact_manifest.json beside it."""
+    """Build and sign a reproducible bundle; also writes artifact_manifest.json beside it.
+
+    Refused when the key is revoked or outside its validity window (as pinned in the
+    trusted-keys file) now."""
     from manifests.bundle import build_bundle
     from manifests.jobspec import load_job
+    from manifests.keys import TrustedKeys
     from manifests.manifest import Provenance
 
     try:
+        signing_key = SigningKey.from_pem(key.read_bytes())
+        pinned = trusted_keys or key.parent / "trusted_keys.json"
+        if not pinned.is_file():
+            raise ValueError(
+                f"cannot check the key's validity window: no {pinned}; pass --trusted-keys "
+                "with the file that lists the key"
+            )
+        TrustedKeys.load(pinned).check_can_sign(signing_key.public_key(), _now())
         built = build_bundle(
             load_job(job),
             weights,
             Provenance.load(provenance),
-            SigningKey.from_pem(key.read_bytes()),
+            signing_key,
             out,
             environ=os.environ,
         )

@@ -6,6 +6,23 @@ SubjectPublicKeyInfo; a key id is ``sha256:`` + hex SHA-256 of the DER SubjectPu
 Trust model: a verifier trusts exactly the keys listed in its trusted-keys file, each within its
 validity window and not revoked. A key id found in a signature envelope only *selects* a pinned
 key; it never makes a key trusted, and the pinned key's id is recomputed from its PEM on load.
+
+Keys over time (docs/deployment.md, "Keys over time"):
+
+- **Signing** happens only inside the key's window: :meth:`TrustedKeys.check_can_sign` refuses a
+  key that is not pinned, revoked, not yet valid or past its window, and ``fedbrain keys
+  generate`` refuses a window that is already over. The window is the one pinned in the
+  trusted-keys file, so the signer checks the same entry as every verifier.
+- **Live authorizations** (a signed job, the roster) must be valid both when issued and *now*:
+  a node stops accepting them once the key's window ends.
+- **Artifacts** outlive their key: a bundle verifies when its key was valid at the manifest's
+  ``created_at`` and is not revoked, whenever it is checked (``created_at`` in the future of the
+  verification time is refused). The trade-off: ``created_at`` is the signer's own claim, so
+  whoever steals a key can backdate a bundle into the window, even after it ended. The defence
+  is revocation, which is total and works offline: ``revoked: true`` in the trusted-keys file
+  (``fedbrain keys revoke``) rejects every bundle, job and roster of the key, whatever its date;
+  the artifacts it signed legitimately are then re-signed with a new key. Short windows bound
+  how long a stolen key can sign *current* jobs; they do not bound backdating.
 """
 
 from __future__ import annotations
@@ -351,6 +368,51 @@ class TrustedKeys:
     def to_json(self) -> bytes:
         """Canonical JSON (RFC 8785) of the list, newline-terminated."""
         return canonical_json([k.to_json_object() for k in self.keys]) + b"\n"
+
+    def check_can_sign(self, key: VerifyingKey, at: datetime) -> TrustedKey:
+        """The pinned entry of ``key`` if it may sign at ``at``; raise otherwise.
+
+        Raises :class:`UntrustedKeyError` (not in this file: its window cannot be checked),
+        :class:`RevokedKeyError`, or :class:`ExpiredKeyError` (``at`` is before the window or
+        after its end), each with what to do about it.
+        """
+        if not isinstance(key, VerifyingKey):
+            raise TypeError(f"key must be a VerifyingKey. Found {type(key).__name__}.")
+        at = _require_utc(at, "at")
+        try:
+            pinned = self.lookup(key.keyid)
+        except UntrustedKeyError:
+            raise UntrustedKeyError(
+                f"key {key.keyid} is not in the trusted-keys file, so its validity window is "
+                "unknown: give the trusted-keys file that lists it"
+            ) from None
+        if pinned.revoked:
+            raise RevokedKeyError(
+                f"key {key.keyid} is revoked in the trusted-keys file; it must not sign anything"
+            )
+        if at > pinned.not_after:
+            raise ExpiredKeyError(
+                f"key {key.keyid}'s validity window ended at {format_timestamp(pinned.not_after)}"
+                f" (now {format_timestamp(at)}); it can no longer sign. Generate a new key "
+                "(fedbrain keys generate) and add it to the trusted-keys files"
+            )
+        if at < pinned.not_before:
+            raise ExpiredKeyError(
+                f"key {key.keyid}'s validity window starts at "
+                f"{format_timestamp(pinned.not_before)} (now {format_timestamp(at)}); it cannot "
+                "sign yet"
+            )
+        return pinned
+
+    def revoke(self, keyid: str) -> TrustedKeys:
+        """These keys with ``keyid`` marked revoked (:class:`UntrustedKeyError` if absent)."""
+        self.lookup(keyid)
+        return TrustedKeys(
+            tuple(
+                TrustedKey(k.public_key, k.not_before, k.not_after, True) if k.keyid == keyid else k
+                for k in self.keys
+            )
+        )
 
     def lookup(self, keyid: str) -> TrustedKey:
         """The pinned key with this id; :class:`UntrustedKeyError` if none."""

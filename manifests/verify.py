@@ -14,7 +14,9 @@ from its verified members (headers, stored data, central directory and end recor
 change anywhere in the file fails verification.
 
 Trust comes only from the pinned :class:`manifests.keys.TrustedKeys`; the key must be unrevoked
-and valid at the manifest's ``created_at`` and, when given, at ``now``.
+and valid at the manifest's ``created_at`` (a bundle outlives its key's window; revocation is
+what withdraws it, see "Keys over time" in :mod:`manifests.keys`), and ``created_at`` must not
+lie after the verification time ``now`` when one is given.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, Final, Protocol, cast
 
 import jsonschema  # type: ignore[import-untyped]  # no stubs; used through _SchemaValidator
 from pydantic import JsonValue, ValidationError
@@ -55,9 +57,11 @@ from manifests.manifest import (
 )
 
 __all__ = [
+    "CLOCK_SKEW",
     "BadSignatureError",
     "BundleVerificationError",
     "ConfigHashMismatchError",
+    "CreatedInFutureError",
     "DigestMismatchError",
     "EnvelopeFormatError",
     "InvalidJSONError",
@@ -114,6 +118,10 @@ class InvalidJSONError(BundleVerificationError):
     """A JSON member or the payload has duplicate keys, NaN/Infinity or bad syntax."""
 
 
+class CreatedInFutureError(BundleVerificationError):
+    """The manifest claims a ``created_at`` after the verification time."""
+
+
 class EnvelopeFormatError(BundleVerificationError):
     """The DSSE envelope or the in-toto Statement is malformed."""
 
@@ -164,6 +172,10 @@ class WeightsFormatError(BundleVerificationError):
 
 class WeightsPrecisionError(BundleVerificationError):
     """The safetensors dtypes disagree with the manifest's precision."""
+
+
+CLOCK_SKEW: Final = timedelta(minutes=5)
+"""How far a manifest's ``created_at`` may lie after the verification time (clock skew)."""
 
 
 @dataclass(frozen=True)
@@ -465,7 +477,10 @@ def verify_bundle(
     """Verify a bundle against pinned keys; return its summary or raise.
 
     Raises a :class:`BundleVerificationError` subclass naming the first problem found.
-    ``now`` (timezone-aware) additionally requires the key to be valid at that time.
+    The key must be pinned, not revoked, and valid at the manifest's ``created_at``; its window
+    may have ended since (see "Keys over time" in :mod:`manifests.keys`). ``now``
+    (timezone-aware), the verification time, refuses a manifest created after it (beyond
+    :data:`CLOCK_SKEW`).
     """
     if not isinstance(path, Path):
         raise TypeError(f"path must be a pathlib.Path. Found {type(path).__name__}.")
@@ -533,10 +548,13 @@ def verify_bundle(
     )
     try:
         pinned.check_usable_at(manifest.created_at, what="created_at")
-        if now is not None:
-            pinned.check_usable_at(now, what="verification time")
     except keys.ExpiredKeyError as exc:
         raise KeyExpiredError(str(exc)) from None
+    if now is not None and manifest.created_at > now + CLOCK_SKEW:
+        raise CreatedInFutureError(
+            f"the manifest's created_at {keys.format_timestamp(manifest.created_at)} is after "
+            f"the verification time {keys.format_timestamp(now)}"
+        )
 
     weights = streamed[zipfmt.WEIGHTS_MEMBER]
     try:

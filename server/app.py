@@ -41,16 +41,30 @@ key                                 type      meaning (default)
 ``fedbrain.signed-job``             str       the job's DSSE envelope as the operator signed
                                               it ("": the server signs the job with
                                               ``fedbrain.signing-key``)
+``fedbrain.job-envelope``           str       the signed job itself (its JSON text; what
+                                              ``fedbrain run`` sends): the job is the
+                                              envelope's, ``job.*`` keys are ignored
 ==================================  ========  ==========================================
 
 Paths are relative to the SuperLink's working directory. Invalid settings raise
 :class:`ServerConfigError` listing every problem before anything runs.
+
+Under ``fedbrain server start`` (:mod:`server.server_kit`) the server kit supplies the roster,
+the trusted keys, the artifact signing key and the ledger when the run config leaves them
+unset, and a relative run directory lies in the kit. The deployment app prints its progress to
+its output, which Flower forwards to ``flwr log`` / ``fedbrain run``; it links fedbrain's run id
+to Flower's in the ledger; and a run that does not pass (failed, rejected) raises
+:class:`RunNotPassedError`, so Flower reports it ``finished:failed`` instead of completed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -58,12 +72,16 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from manifests.jobspec import JobSpec, JobSpecError, RunConfigValue
+from manifests.keys import KeyVerificationError, SigningKey, TrustedKeys
+from manifests.signed_job import SignedJobError, verify_signed_job
 from server.federator import run_federation
-from server.options import JobOutcome, ProgressEvent, RunOptions
+from server.options import JobOutcome, JobStatus, ProgressEvent, RunOptions
+from server.server_kit import server_kit_defaults
 
 __all__ = [
     "JOB_PREFIX",
     "OPTION_KEYS",
+    "RunNotPassedError",
     "ServerConfigError",
     "app",
     "job_from_run_config",
@@ -90,6 +108,7 @@ OPTION_KEYS: Final = (
     "stop-on-aborted-round",
     "roster",
     "signed-job",
+    "job-envelope",
 )
 
 
@@ -202,6 +221,11 @@ def options_from_run_config(config: Mapping[str, RunConfigValue]) -> RunOptions:
     envelope = None
     if signed_job is not None and Path(signed_job).expanduser().is_file():
         envelope = Path(signed_job).expanduser().read_bytes()
+    inline = _text(config, "job-envelope", problems)
+    if inline is not None:
+        if signed_job is not None:
+            problems.append(f"{_PREFIX}job-envelope: give it or {_PREFIX}signed-job, not both.")
+        envelope = inline.encode("utf-8")
     database_url = _text(config, "database-url", problems)
     run_id = _text(config, "run-id", problems)
     if problems or run_dir is None:
@@ -248,22 +272,90 @@ def job_from_run_config(config: Mapping[str, RunConfigValue]) -> JobSpec:
     return JobSpec.from_run_config(declared, prefix=JOB_PREFIX)
 
 
+class RunNotPassedError(RuntimeError):
+    """The deployment run ended without a signed bundle (failed or rejected)."""
+
+
+def _with_kit_defaults(config: Mapping[str, RunConfigValue]) -> dict[str, RunConfigValue]:
+    """``config`` with the server kit's values for the ``fedbrain.*`` keys it leaves unset."""
+    merged = dict(config)
+    defaults = server_kit_defaults()
+    for key, value in defaults.items():
+        if key != "runs" and merged.get(_PREFIX + key) in (None, ""):
+            merged[_PREFIX + key] = value
+    run_dir = merged.get(_PREFIX + "run-dir")
+    if defaults and isinstance(run_dir, str) and run_dir and not Path(run_dir).is_absolute():
+        merged[_PREFIX + "run-dir"] = str(Path(defaults["runs"]).parent / run_dir)
+    return merged
+
+
+def _signed_job(options: RunOptions) -> JobSpec:
+    """The job inside ``options.job_envelope``, verified with the run's trusted keys."""
+    if options.trusted_keys is None or options.job_envelope is None:
+        raise ServerConfigError(
+            [f"{_PREFIX}trusted-keys: is needed to verify {_PREFIX}job-envelope."]
+        )
+    try:
+        trusted = TrustedKeys.load(options.trusted_keys)
+        return verify_signed_job(options.job_envelope, trusted, now=datetime.now(UTC)).job
+    except (OSError, ValueError, SignedJobError) as exc:
+        raise ServerConfigError([f"{_PREFIX}job-envelope: refused: {exc}"]) from None
+
+
+def _check_signing_key(options: RunOptions) -> list[str]:
+    """The artifact signing key must be able to sign now (checked before training, not after:
+    a key past its window would only fail the run at its end)."""
+    if options.signing_key is None or options.trusted_keys is None:
+        return []
+    try:
+        key = SigningKey.from_pem(options.signing_key.read_bytes())
+        TrustedKeys.load(options.trusted_keys).check_can_sign(key.public_key(), datetime.now(UTC))
+    except (OSError, ValueError, KeyVerificationError) as exc:
+        return [f"{_PREFIX}signing-key: cannot sign the artifact: {exc}"]
+    return []
+
+
 def _from_context(context: Context) -> tuple[JobSpec, RunOptions]:
-    config: Mapping[str, RunConfigValue] = dict(context.run_config)
+    config = _with_kit_defaults(context.run_config)
+    option_problems: list[str] = []
+    options: RunOptions | None = None
+    try:
+        options = options_from_run_config(config)
+        option_problems.extend(_check_signing_key(options))
+    except ServerConfigError as exc:
+        option_problems.extend(exc.problems)
+    if config.get(_PREFIX + "job-envelope") not in (None, ""):
+        if option_problems or options is None:
+            raise ServerConfigError(option_problems)
+        return _signed_job(options), replace(options, flower_run_id=int(context.run_id))
     problems: list[str] = []
     job: JobSpec | None = None
     try:
         job = job_from_run_config(config)
     except JobSpecError as exc:
         problems.extend(f"{JOB_PREFIX}.{p}" for p in exc.problems)
-    options: RunOptions | None = None
-    try:
-        options = options_from_run_config(config)
-    except ServerConfigError as exc:
-        problems.extend(exc.problems)
+    problems.extend(option_problems)
     if problems or job is None or options is None:
         raise ServerConfigError(problems)
-    return job, options
+    return job, replace(options, flower_run_id=int(context.run_id))
+
+
+@contextmanager
+def _progress_to_output() -> Iterator[None]:
+    """Send fedbrain's INFO log lines to stdout, which Flower forwards to ``flwr log``."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s fedbrain: %(message)s"))
+    package = logging.getLogger("server")
+    level, propagate = package.level, package.propagate
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False  # once: not again through a handler Flower put on the root
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+        package.propagate = propagate
 
 
 app = ServerApp()
@@ -272,13 +364,20 @@ app = ServerApp()
 
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
-    job, options = _from_context(context)
-    outcome = run_federation(grid, job, options, progress=_log_progress)
-    logger.info(
-        "Run %s of %s: %s after %d round(s)%s",
-        outcome.run_id,
-        outcome.artifact_name,
-        outcome.status.value,
-        outcome.rounds_completed,
-        "".join(f"; {r}" for r in outcome.reasons),
-    )
+    with _progress_to_output():
+        job, options = _from_context(context)
+        logger.info("Flower run %s: fedbrain run %s", context.run_id, options.run_id or "(new)")
+        outcome = run_federation(grid, job, options, progress=_log_progress)
+        logger.info(
+            "Run %s of %s: %s after %d round(s)%s",
+            outcome.run_id,
+            outcome.artifact_name,
+            outcome.status.value,
+            outcome.rounds_completed,
+            "".join(f"; {r}" for r in outcome.reasons),
+        )
+    if outcome.status is not JobStatus.PASSED:
+        raise RunNotPassedError(
+            f"fedbrain run {outcome.run_id} {outcome.status.value}: "
+            + ("; ".join(outcome.reasons) or "no reason recorded")
+        )

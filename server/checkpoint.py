@@ -16,13 +16,24 @@ checkpoints as they were plus, at worst, a ``.tmp-*`` directory that readers ign
 write removes. Old checkpoints are pruned only after the new one is in place. ``accountant.json``
 is replaced atomically the same way (temporary file, fsync, ``os.replace``).
 
-Privacy on resume (the conservative choice): the accountant's state is written every round,
-before the round's result is recorded, not only with checkpoints. When the server resumes from
-the checkpoint of round ``r`` after rounds ``r+1 .. s`` had run, it restores the model from round
-``r`` but the accountant from ``accountant.json`` (round ``s``): the noised aggregates of the
-lost rounds were computed and may have been seen (logs, ledger, dashboards), so their privacy
-cost is real and stays spent; redoing those rounds composes them again. Epsilon is therefore
-over-estimated after a crash, never under-estimated. :func:`resume_point` applies this rule.
+Privacy on resume: the accountant's state is written every round, right after the round is
+composed and before it runs, not only with checkpoints, together with the state *before* that
+round and a ``released`` mark that the server sets (:func:`mark_released`) the moment the round
+first collects anything computed from private data (the plain replies of a round, or its
+masked inputs under secure aggregation: from then on the server can produce the round's noised
+result). When the server resumes from the checkpoint of round ``r`` after rounds ``r+1 .. s``
+had been composed:
+
+- rounds ``r+1 .. s-1`` ran to their end, so their noised results were computed and may have
+  been seen (logs, ledger, dashboards): their cost stays spent, and redoing them composes them
+  again -- epsilon is over-estimated after such a crash, never under-estimated;
+- round ``s``, the one under way when the server died, is charged the same way if it was
+  ``released``; if it was not (it died while waiting for nodes, before any private reply
+  arrived), nothing of it exists anywhere and its charge is refunded: the accountant restarts
+  from the state before ``s`` (:attr:`ResumePoint.interrupted` says which happened).
+
+:func:`resume_point` applies these rules; the ledger records each interruption and whether it
+was charged (``fedbrain runs show``).
 
 Resuming a different job is refused: every checkpoint records the job's
 ``training_config_hash`` and loading demands the same one.
@@ -62,12 +73,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointPolicy",
+    "InterruptedRound",
     "ResumePoint",
     "checkpoint_path",
     "discard_checkpoints_after",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "mark_released",
     "read_accountant_state",
     "resume_point",
     "write_accountant_state",
@@ -178,10 +191,22 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class AccountantSnapshot:
-    """The accountant's state after ``round`` (from ``accountant.json``)."""
+    """The accountant's state after ``round`` (from ``accountant.json``), the state before
+    that round (``None`` in files written before fedbrain kept it) and whether the round had
+    released anything computed from private data (``True`` when unknown)."""
 
     round: int
     state: Mapping[str, JSONValue]
+    before: Mapping[str, JSONValue] | None = None
+    released: bool = True
+
+
+@dataclass(frozen=True)
+class InterruptedRound:
+    """The round that was under way when a run stopped, and whether its cost stays spent."""
+
+    round: int
+    charged: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,6 +217,7 @@ class ResumePoint:
     checkpoint: Checkpoint | None
     accountant: Mapping[str, JSONValue] | None
     accountant_round: int
+    interrupted: InterruptedRound | None = None
 
     @property
     def next_round(self) -> int:
@@ -498,8 +524,10 @@ def write_accountant_state(
     round_number: int,
     accountant: Mapping[str, JSONValue],
     training_config_hash: str,
+    before: Mapping[str, JSONValue] | None = None,
 ) -> Path:
-    """Atomically replace ``<run_dir>/accountant.json`` with the state after ``round_number``.
+    """Atomically replace ``<run_dir>/accountant.json`` with the state after ``round_number``
+    (and ``before`` it; the round is not yet ``released``).
 
     Call it every round, right after the accountant composed the round (before the round's
     result is recorded): privacy spent is never forgotten on resume.
@@ -516,9 +544,24 @@ def write_accountant_state(
             "round": round_number,
             "training_config_hash": training_config_hash,
             "accountant": dict(accountant),
+            "before": None if before is None else dict(before),
+            "released": before is None,
         },
     )
     return path
+
+
+def mark_released(run_dir: Path, round_number: int) -> bool:
+    """Record that round ``round_number`` has collected something computed from private data
+    (see the module docstring); True when this call set the mark. Atomic; idempotent."""
+    path = Path(run_dir) / ACCOUNTANT_FILE
+    if not path.is_file():
+        return False
+    document = _read_json(path)
+    if document.get("round") != round_number or document.get("released") is True:
+        return False
+    _write_json(path, {**document, "released": True})
+    return True
 
 
 def read_accountant_state(run_dir: Path, *, training_config_hash: str) -> AccountantSnapshot | None:
@@ -532,7 +575,13 @@ def read_accountant_state(run_dir: Path, *, training_config_hash: str) -> Accoun
     state = _optional_object("accountant", document.get("accountant"))
     if state is None:
         raise CheckpointError(f"{path}: `accountant` must be the accountant's state_dict.")
-    return AccountantSnapshot(round=_as_round(document.get("round")), state=state)
+    before = _optional_object("before", document.get("before"))
+    return AccountantSnapshot(
+        round=_as_round(document.get("round")),
+        state=state,
+        before=before,
+        released=before is None or document.get("released") is not False,
+    )
 
 
 def resume_point(run_dir: Path, *, training_config_hash: str) -> ResumePoint | None:
@@ -544,8 +593,14 @@ def resume_point(run_dir: Path, *, training_config_hash: str) -> ResumePoint | N
     """
     checkpoint = latest_checkpoint(run_dir, training_config_hash=training_config_hash)
     snapshot = read_accountant_state(run_dir, training_config_hash=training_config_hash)
-    if checkpoint is None:
-        return None if snapshot is None else ResumePoint(None, snapshot.state, snapshot.round)
-    if snapshot is not None and snapshot.round >= checkpoint.round:
+    done = 0 if checkpoint is None else checkpoint.round
+    if snapshot is None or snapshot.round < done:
+        if checkpoint is None:
+            return None
+        return ResumePoint(checkpoint, checkpoint.accountant, checkpoint.round)
+    if snapshot.round == done:
         return ResumePoint(checkpoint, snapshot.state, snapshot.round)
-    return ResumePoint(checkpoint, checkpoint.accountant, checkpoint.round)
+    interrupted = InterruptedRound(snapshot.round, charged=snapshot.released)
+    if snapshot.released or snapshot.before is None:
+        return ResumePoint(checkpoint, snapshot.state, snapshot.round, interrupted)
+    return ResumePoint(checkpoint, snapshot.before, snapshot.round - 1, interrupted)

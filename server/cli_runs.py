@@ -1,7 +1,11 @@
 """``fedbrain runs``: the run ledger for operators (tables of runs and of a run's rounds).
 
-The ledger is read from ``--db URL`` (any SQLAlchemy URL; also ``$FEDBRAIN_LEDGER_URL``) or
-from ``--run-dir DIR`` (``DIR/ledger.sqlite``). Nothing is created. Errors (no ledger, a file
+The ledger is read from ``--db URL`` (any SQLAlchemy URL; also ``$FEDBRAIN_LEDGER_URL``), from
+``--run-dir DIR`` (``DIR/ledger.sqlite``) or from a server kit, ``--kit DIR`` (its ledger of
+deployment runs). Nothing is created. A ``running`` run whose process died on this host is
+marked ``interrupted`` first (:mod:`server.restart`); ``interrupted`` counts the interruptions
+a run went through, and ``runs show`` says for each whether its round's privacy cost stays
+spent. Errors (no ledger, a file
 that is not a ledger, unknown run) exit with code 2 (invalid input, :mod:`manifests.cli_errors`)
 and one line on stderr, no traceback.
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from server.ledger import JSONValue, Ledger, LedgerError, Phase, RoundRecord
+from server.restart import mark_interrupted_runs
 
 __all__ = ["register", "runs_app"]
 
@@ -45,6 +51,10 @@ RunDirOption = Annotated[
     typer.Option("--run-dir", help="Run directory holding ledger.sqlite.", file_okay=False),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+KitOption = Annotated[
+    Path | None,
+    typer.Option("--kit", help="A server kit: its ledger of deployment runs.", file_okay=False),
+]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -52,17 +62,27 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_INVALID)
 
 
-def _open(db: str | None, run_dir: Path | None) -> Ledger:
-    if db is not None and run_dir is not None:
-        raise _fail("give either --db or --run-dir, not both.")
+def _open(db: str | None, run_dir: Path | None, kit: Path | None = None) -> Ledger:
+    if sum(x is not None for x in (db, run_dir, kit)) > 1:
+        raise _fail("give one ledger: --db, --run-dir or --kit, not both.")
     try:
+        if kit is not None:
+            from server.server_kit import LEDGER_FILE
+
+            db = f"sqlite:///{kit.absolute() / LEDGER_FILE}"
         if run_dir is not None:
-            return Ledger.for_run_dir(run_dir, create=False)
-        if db is not None:
-            return Ledger(db, create=False)
+            ledger = Ledger.for_run_dir(run_dir, create=False)
+        elif db is not None:
+            ledger = Ledger(db, create=False)
+        else:
+            raise _fail(
+                f"say which ledger to read: --run-dir DIR or --db URL (or set "
+                f"${LEDGER_URL_ENV}), or --kit DIR."
+            )
+        mark_interrupted_runs(ledger)
     except LedgerError as exc:
         raise _fail(str(exc)) from None
-    raise _fail(f"say which ledger to read: --run-dir DIR or --db URL (or set ${LEDGER_URL_ENV}).")
+    return ledger
 
 
 def _num(value: float | None, fmt: str = ".3g") -> str:
@@ -94,10 +114,13 @@ def _echo_json(value: JSONValue) -> None:
 
 @runs_app.command("list")
 def list_command(
-    db: DbOption = None, run_dir: RunDirOption = None, as_json: JsonOption = False
+    db: DbOption = None,
+    run_dir: RunDirOption = None,
+    as_json: JsonOption = False,
+    kit: KitOption = None,
 ) -> None:
     """List the runs in the ledger, newest first."""
-    ledger = _open(db, run_dir)
+    ledger = _open(db, run_dir, kit)
     try:
         runs = ledger.list_runs()
     except LedgerError as exc:
@@ -108,7 +131,7 @@ def list_command(
         _echo_json([run.to_json() for run in runs])
         return
     table = Table(title=f"fedbrain runs ({len(runs)})")
-    right = ("rounds recorded", "epsilon spent", "reliability")
+    right = ("rounds recorded", "interrupted", "epsilon spent", "reliability")
     for column in ("run", "artifact", "privacy (DP unit)", "status", *right):
         table.add_column(column, justify="right" if column in right else "left")
     table.add_column("finished")
@@ -119,11 +142,20 @@ def list_command(
             run.privacy_level + (f" ({run.dp_unit})" if run.dp_unit else ""),
             run.status.value,
             str(run.rounds_recorded),
+            _interrupted(run.interruptions),
             _num(run.final_epsilon),
             _num(run.reliability, ".2f"),
             _time(run.finished_at),
         )
     Console(width=200).print(table)
+
+
+def _interrupted(entries: tuple[Mapping[str, JSONValue], ...]) -> str:
+    """How many interruptions, and how many of them were charged to the privacy budget."""
+    if not entries:
+        return "-"
+    charged = sum(1 for e in entries if e.get("charged"))
+    return f"{len(entries)} ({charged} charged)"
 
 
 def _phase_metric(record: RoundRecord, phase: Phase, name: str) -> float | None:
@@ -155,9 +187,10 @@ def show_command(
     db: DbOption = None,
     run_dir: RunDirOption = None,
     as_json: JsonOption = False,
+    kit: KitOption = None,
 ) -> None:
     """Show a run and the table of its rounds."""
-    ledger = _open(db, run_dir)
+    ledger = _open(db, run_dir, kit)
     try:
         run = ledger.get_run(run_id)
         rounds = ledger.rounds(run_id)
@@ -187,6 +220,19 @@ def show_command(
         console.print(f"  verdict: {reason}", highlight=False, markup=False)
     if run.error:
         console.print(f"  error: {run.error}", highlight=False, markup=False)
+    if run.flower_run_id is not None:
+        console.print(f"  Flower run: {run.flower_run_id}", highlight=False, markup=False)
+    for entry in run.interruptions:
+        charged = (
+            "charged: its privacy cost stays spent (private data had reached the server)"
+            if entry.get("charged")
+            else "not charged: no private data had reached the server"
+        )
+        console.print(
+            f"  interrupted in round {entry.get('round')} (resumed {entry.get('at')}): {charged}",
+            highlight=False,
+            markup=False,
+        )
     for node in refused:
         console.print(
             f"  refused node {node.node_id}: {node.reason}", highlight=False, markup=False

@@ -13,6 +13,8 @@ keeps to portable types:
   on SQLite and PostgreSQL); a naive datetime is refused.
 - Flower node ids are random unsigned 64-bit integers, past ``BIGINT``'s range: stored as
   decimal strings, returned as ``int``.
+- A bundle path inside a SQLite ledger file's folder is stored relative to it and returned
+  absolute, so the folder can move (``fedbrain simulate``'s output folder); others absolute.
 
 Tables: ``runs`` (one row per run; ``flower_run_id`` links it to Flower's own run id when
 known), ``rounds`` (one per recorded round, unique per run and round number), ``participants``
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Self, TypeAlias
@@ -58,7 +61,12 @@ from server.ledger_records import RunStatus as RunStatus
 from server.ledger_records import RunSummary as RunSummary
 from server.ledger_records import Scalar as Scalar
 from server.ledger_records import _aware_problem, _check_optional_float, _raise_problems
-from server.ledger_schema import _ADDED_COLUMNS, _round_record, _summary
+from server.ledger_schema import (
+    _ADDED_COLUMNS,
+    _round_record,
+    _summary,
+    _widen_run_status_check,
+)
 from server.ledger_schema import LedgerBase as LedgerBase
 from server.ledger_schema import ParticipantRow as ParticipantRow
 from server.ledger_schema import PortableFloat as PortableFloat
@@ -152,6 +160,8 @@ class Ledger:
             kwargs.update(pool_size=20, max_overflow=5, pool_pre_ping=True)
         self._url = parsed
         self._clock = clock
+        # paths under a SQLite ledger's folder are kept relative to it: they move together
+        self._home = None if file is None else file.expanduser().resolve().parent
         try:
             self._engine: Engine = create_engine(parsed, **kwargs)
         except (ArgumentError, ImportError) as exc:
@@ -182,6 +192,8 @@ class Ledger:
                         connection.execute(
                             text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
                         )
+            if "runs" in tables:
+                _widen_run_status_check(self._engine)
         except SQLAlchemyError as exc:
             raise LedgerError(
                 f"Cannot read the ledger at {self.url}: {_first_line(exc)}. Is it a fedbrain "
@@ -225,6 +237,23 @@ class Ledger:
             raise ValueError("the ledger's clock must return timezone-aware datetimes (UTC).")
         return now
 
+    def _stored_path(self, path: str | Path | None) -> str | None:
+        """``path`` as the ledger keeps it: relative (POSIX) when it lies in a SQLite ledger's
+        folder, so that the folder can move; otherwise absolute."""
+        if path is None:
+            return None
+        resolved = Path(path).expanduser().resolve()
+        if self._home is not None and resolved.is_relative_to(self._home):
+            return resolved.relative_to(self._home).as_posix()
+        return str(resolved)
+
+    def _resolved(self, run: RunSummary) -> RunSummary:
+        """``run`` with its bundle path absolute again (where the ledger's folder is now)."""
+        path = run.bundle_path
+        if path is None or self._home is None or Path(path).is_absolute():
+            return run
+        return replace(run, bundle_path=str(self._home / path))
+
     @staticmethod
     def _run(session: Session, run_id: str) -> RunRow:
         row = session.get(RunRow, run_id)
@@ -249,8 +278,10 @@ class Ledger:
         run_name: str | None = None,
         dp_unit: str | None = None,
         started_at: datetime | None = None,
+        owner: str | None = None,
     ) -> RunSummary:
-        """Record a new run, status ``running``. ``job`` is the job's run config (JSON)."""
+        """Record a new run, status ``running``. ``job`` is the job's run config (JSON);
+        ``owner`` names the process running it (:mod:`server.restart`)."""
         _raise_problems(
             [
                 None
@@ -273,6 +304,7 @@ class Ledger:
             status=RunStatus.RUNNING.value,
             started_at=started_at or self._now(),
             verdict_reasons=[],
+            owner=owner,
         )
         try:
             with self._transaction() as session:
@@ -366,9 +398,10 @@ class Ledger:
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
-    def resume_run(self, run_id: str, *, from_round: int) -> int:
+    def resume_run(self, run_id: str, *, from_round: int, owner: str | None = None) -> int:
         """Reopen a run at the checkpoint of ``from_round``: delete the later rounds, set the
-        status back to ``running`` and clear the finish fields. Returns the rounds deleted."""
+        status back to ``running`` (run by ``owner``) and clear the finish fields. Returns the
+        rounds deleted."""
         if isinstance(from_round, bool) or not isinstance(from_round, int) or from_round < 0:
             raise ValueError(f"`from_round` must be an int >= 0. Found {from_round!r}.")
         with self._transaction() as session:
@@ -380,6 +413,7 @@ class Ledger:
                 )
             deleted = self._delete_after(session, run_id, from_round)
             run.status = RunStatus.RUNNING.value
+            run.owner = owner
             run.finished_at = None
             run.error = None
             run.verdict_reasons = []
@@ -436,10 +470,28 @@ class Ledger:
             run.final_epsilon = final_epsilon
             run.delta = delta
             run.reliability = reliability
-            run.bundle_path = None if bundle_path is None else str(bundle_path)
+            run.bundle_path = self._stored_path(bundle_path)
             run.bundle_sha256 = bundle_sha256
             run.error = error
         return self.get_run(run_id)
+
+    def mark_interrupted(self, run_id: str, *, owner: str | None, reason: str) -> bool:
+        """Mark a ``running`` run ``interrupted`` if ``owner`` still runs it (its process is
+        known to be gone, :mod:`server.restart`); False when it changed hands or ended."""
+        with self._transaction() as session:
+            run = self._run(session, run_id)
+            if run.status != RunStatus.RUNNING or run.owner != owner:
+                return False
+            run.status = RunStatus.INTERRUPTED.value
+            run.finished_at = self._now()
+            run.error = reason
+            return True
+
+    def record_interruption(self, run_id: str, entry: Mapping[str, JSONValue]) -> None:
+        """Append ``entry`` (round, at, charged, reason) to the run's interruptions."""
+        with self._transaction() as session:
+            run = self._run(session, run_id)
+            run.interruptions = [*(run.interruptions or []), dict(entry)]
 
     def link_flower_run(self, run_id: str, flower_run_id: int) -> None:
         """Record Flower's own run id (``flwr ls``) for this run."""
@@ -550,7 +602,7 @@ class Ledger:
                     RoundRow.run_id == run_id
                 )
             ).one()
-            return _summary(row, int(count), int(last or 0))
+            return self._resolved(_summary(row, int(count), int(last or 0)))
 
     def list_runs(
         self,
@@ -586,7 +638,7 @@ class Ledger:
             query = query.limit(limit)
         with self._transaction() as session:
             return [
-                _summary(row, int(n or 0), int(last or 0))
+                self._resolved(_summary(row, int(n or 0), int(last or 0)))
                 for row, n, last in session.execute(query).all()
             ]
 

@@ -16,12 +16,14 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Engine,
     Float,
     ForeignKeyConstraint,
     Integer,
     String,
     Text,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -159,6 +161,8 @@ class RunRow(LedgerBase):
     bundle_sha256: Mapped[str | None] = mapped_column(String(71))
     error: Mapped[str | None] = mapped_column(Text)
     flower_run_id: Mapped[str | None] = mapped_column(String(20))
+    owner: Mapped[str | None] = mapped_column(String(255))
+    interruptions: Mapped[Any] = mapped_column(PortableJSON, nullable=True)
 
     rounds: Mapped[list[RoundRow]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True
@@ -228,8 +232,66 @@ class RefusedNodeRow(LedgerBase):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-_ADDED_COLUMNS: Final = (("runs", "flower_run_id", "VARCHAR(20)"),)
+_ADDED_COLUMNS: Final = (
+    ("runs", "flower_run_id", "VARCHAR(20)"),
+    ("runs", "owner", "VARCHAR(255)"),
+    ("runs", "interruptions", "JSON"),
+)
 """Columns added after a table was first released: (table, column, SQL type)."""
+
+
+def _status_check_sql() -> str:
+    values = ", ".join(f"'{member.value}'" for member in RunStatus)
+    return f"status IN ({values})"
+
+
+def _widen_run_status_check(engine: Engine) -> None:
+    """Upgrade a ledger whose ``runs.status`` CHECK predates a status (``interrupted``).
+
+    PostgreSQL: drop and re-add the named constraint. SQLite, which cannot alter a
+    constraint: rewrite the table's definition in ``sqlite_master`` -- the procedure SQLite's
+    documentation gives for changing CHECK constraints (a widened CHECK holds for every row
+    already stored; nothing on disk changes), then ``integrity_check``.
+    """
+    newest = RunStatus.INTERRUPTED.value
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            sql = connection.execute(
+                sql_text("SELECT sql FROM sqlite_master WHERE type='table' AND name='runs'")
+            ).scalar()
+            if not sql or "ck_runs_status" not in sql or f"'{newest}'" in sql:
+                return
+            start = sql.index("status IN (", sql.index("ck_runs_status"))
+            end = sql.index(")", start) + 1
+            widened = sql[:start] + _status_check_sql() + sql[end:]
+            version = int(connection.execute(sql_text("PRAGMA schema_version")).scalar() or 0)
+            connection.execute(sql_text("PRAGMA writable_schema=ON"))
+            connection.execute(
+                sql_text("UPDATE sqlite_master SET sql=:sql WHERE type='table' AND name='runs'"),
+                {"sql": widened},
+            )
+            connection.execute(sql_text(f"PRAGMA schema_version={version + 1}"))
+            connection.execute(sql_text("PRAGMA writable_schema=OFF"))
+        elif engine.dialect.name == "postgresql":
+            found = connection.execute(
+                sql_text(
+                    "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                    "WHERE conname = 'ck_runs_status'"
+                )
+            ).scalar()
+            if found is None or f"'{newest}'" in found:
+                return
+            connection.execute(sql_text("ALTER TABLE runs DROP CONSTRAINT ck_runs_status"))
+            connection.execute(
+                sql_text(
+                    f"ALTER TABLE runs ADD CONSTRAINT ck_runs_status CHECK ({_status_check_sql()})"
+                )
+            )
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            result = connection.execute(sql_text("PRAGMA integrity_check")).scalar()
+        if result != "ok":
+            raise RuntimeError(f"the ledger failed its integrity check after the upgrade: {result}")
 
 
 def _summary(row: RunRow, count: int, last: int) -> RunSummary:
@@ -253,6 +315,8 @@ def _summary(row: RunRow, count: int, last: int) -> RunSummary:
         rounds_recorded=count,
         last_round=last,
         flower_run_id=None if row.flower_run_id is None else int(row.flower_run_id),
+        owner=row.owner,
+        interruptions=tuple(row.interruptions or ()),
     )
 
 

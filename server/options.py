@@ -31,7 +31,8 @@ class RunOptions:
     ``trusted_keys``; only its members take part. ``job_envelope``: the job as an operator
     signed it (``manifests.signed_job``); without one, the server signs the job with
     ``signing_key`` itself (simulations, where the operator runs the server). Nodes work only
-    for a signed job that their own policy accepts.
+    for a signed job that their own policy accepts. ``flower_run_id``: Flower's id of the run
+    (deployment), recorded in the ledger next to fedbrain's.
     """
 
     run_dir: Path
@@ -48,6 +49,7 @@ class RunOptions:
     run_id: str | None = None
     roster: Path | None = None
     job_envelope: bytes | None = None
+    flower_run_id: int | None = None
 
 
 class EventKind(StrEnum):

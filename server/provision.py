@@ -9,6 +9,7 @@ provisions its virtual nodes with :func:`provision_nodes`; deployment startup ki
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,13 +79,18 @@ def provision_nodes(
     validity: timedelta = timedelta(days=365),
     now: datetime | None = None,
     reset_state: bool = False,
+    link_roster: bool = False,
 ) -> Provisioned:
     """Write ``<folder>/roster.dsse.json`` and ``<folder>/nodes/<name>/`` for every node.
 
     A node that already has an identity keeps it (its key is re-listed); ``policy`` (TOML
     text; None: the safe defaults) is written into every kit; ``reset_state`` empties each
     kit's ``state/`` (budgets and participation logs), which a fresh simulation wants and a
-    deployment never does.
+    deployment never does. ``link_roster`` (simulations, whose kits share one disk): each
+    kit's roster is a hard link to the federation's roster file instead of a copy -- the
+    roster grows with the federation, so copies would take disk quadratic in its size (a
+    1,000-node roster is about 260 KB). A kit that installs a newer roster replaces its link
+    with a file of its own.
     """
     stamp = (now or datetime.now(UTC)).replace(microsecond=0)
     names = [n.name for n in nodes]
@@ -125,5 +131,20 @@ def provision_nodes(
     roster_path = folder / ROSTER_NAME
     write_atomically(roster_path, envelope)
     for kit in kits.values():
-        write_atomically(kit / ROSTER_FILE, envelope)
+        if not link_roster or not _link(roster_path, kit / ROSTER_FILE):
+            write_atomically(kit / ROSTER_FILE, envelope)
     return Provisioned(roster_path, kits)
+
+
+def _link(source: Path, target: Path) -> bool:
+    """Make ``target`` a hard link to ``source``, atomically; False if links are not possible
+    here (another file system), so the caller copies."""
+    temporary = target.with_name(f".{target.name}.link")
+    try:
+        temporary.unlink(missing_ok=True)
+        os.link(source, temporary)
+        os.replace(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        return False
+    return True

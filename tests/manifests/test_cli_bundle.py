@@ -192,3 +192,76 @@ def test_demo_builds_and_verifies_both_specification_examples(tmp_path: Path) ->
     )
     vision = json.loads((tmp_path / "vision" / MANIFEST_MEMBER).read_text())
     assert (vision["precision"], vision["embedding_dim"]) == ("fp16", 768)
+
+
+# ------------------------------------------------------------------ keys over time
+
+
+def test_keys_generate_refuses_a_window_that_is_already_over(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "keys", "generate", "--out", str(tmp_path / "k"),
+            "--not-before", "2020-01-01T00:00:00Z", "--valid-days", "30",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "already over" in result.stderr
+    assert not (tmp_path / "k").exists()
+
+
+def _build_args(folder: Path, key: Path, out: Path) -> list[str]:
+    return [
+        "bundle", "build", "--job", str(folder / "job.toml"),
+        "--weights", str(folder / "w.safetensors"),
+        "--provenance", str(folder / "provenance.json"),
+        "--key", str(key), "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_bundle_build_refuses_a_key_whose_window_ended(
+    tmp_path: Path, built: tuple[Path, Path]
+) -> None:
+    from datetime import UTC, datetime
+
+    from manifests.demo import write_keys
+    from manifests.keys import SigningKey
+
+    folder = built[0].parent.parent
+    private, _, _ = write_keys(
+        tmp_path / "old",
+        SigningKey.generate(),
+        not_before=datetime(2020, 1, 1, tzinfo=UTC),
+        not_after=datetime(2021, 1, 1, tzinfo=UTC),
+    )
+    out = tmp_path / "b.zip"
+    result = runner.invoke(app, _build_args(folder, private, out))
+    assert result.exit_code == 2
+    assert "window ended at 2021-01-01T00:00:00Z" in result.stderr
+    assert not out.exists()
+
+
+def test_bundle_build_needs_the_keys_window(tmp_path: Path, built: tuple[Path, Path]) -> None:
+    folder = built[0].parent.parent
+    key = tmp_path / "lonely.pem"
+    key.write_bytes((folder / "keys" / "signing_key.pem").read_bytes())
+    result = runner.invoke(app, _build_args(folder, key, tmp_path / "b.zip"))
+    assert result.exit_code == 2
+    assert "--trusted-keys" in result.stderr
+    assert not (tmp_path / "b.zip").exists()
+
+
+def test_keys_revoke_makes_verify_fail_offline(tmp_path: Path, built: tuple[Path, Path]) -> None:
+    bundle, trusted = built
+    copy = tmp_path / "trusted_keys.json"
+    copy.write_bytes(trusted.read_bytes())
+    keyid = json.loads(copy.read_text())[0]["keyid"]
+    result = runner.invoke(app, ["keys", "revoke", keyid, "--trusted-keys", str(copy)])
+    assert result.exit_code == 0, result.output
+    verified = runner.invoke(app, ["verify", str(bundle), "--trusted-keys", str(copy)])
+    assert verified.exit_code == 1
+    assert "revoked" in verified.stderr
+    unknown = runner.invoke(
+        app, ["keys", "revoke", "sha256:" + "0" * 64, "--trusted-keys", str(copy)]
+    )
+    assert unknown.exit_code == 2

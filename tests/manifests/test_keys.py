@@ -130,3 +130,50 @@ def test_trusted_key_rejects_an_empty_window_and_naive_times() -> None:
         TrustedKey(public, T0, T0)
     with pytest.raises(ValueError, match="timezone-aware"):
         TrustedKey(public, datetime(2025, 1, 1), T0 + timedelta(days=1))
+
+
+# ------------------------------------------------------------------ keys over time: signing
+
+
+def _signer_pinned(key: SigningKey, *, revoked: bool = False) -> TrustedKeys:
+    return TrustedKeys.of([TrustedKey(key.public_key(), T0, T0 + timedelta(days=30), revoked)])
+
+
+def test_a_key_signs_inside_its_window() -> None:
+    key = SigningKey.from_seed(b"\x01" * 32)
+    pinned = _signer_pinned(key).check_can_sign(key.public_key(), T0 + timedelta(days=1))
+    assert pinned.keyid == key.keyid
+
+
+def test_a_key_whose_window_ended_refuses_to_sign_and_says_what_to_do() -> None:
+    key = SigningKey.from_seed(b"\x01" * 32)
+    with pytest.raises(ExpiredKeyError, match=r"ended at 2025-01-31T00:00:00Z.*keys generate"):
+        _signer_pinned(key).check_can_sign(key.public_key(), T0 + timedelta(days=31))
+
+
+def test_a_key_refuses_to_sign_before_its_window() -> None:
+    key = SigningKey.from_seed(b"\x01" * 32)
+    with pytest.raises(ExpiredKeyError, match="cannot sign yet"):
+        _signer_pinned(key).check_can_sign(key.public_key(), T0 - timedelta(seconds=1))
+
+
+def test_a_revoked_or_unpinned_key_refuses_to_sign() -> None:
+    key = SigningKey.from_seed(b"\x01" * 32)
+    with pytest.raises(RevokedKeyError, match="must not sign"):
+        _signer_pinned(key, revoked=True).check_can_sign(key.public_key(), T0)
+    stranger = SigningKey.from_seed(b"\x02" * 32)
+    with pytest.raises(UntrustedKeyError, match="validity window is unknown"):
+        _signer_pinned(key).check_can_sign(stranger.public_key(), T0)
+
+
+def test_revoke_marks_only_that_key_and_keeps_the_file_round_tripping() -> None:
+    first, second = SigningKey.from_seed(b"\x01" * 32), SigningKey.from_seed(b"\x02" * 32)
+    window = (T0, T0 + timedelta(days=30))
+    keys = TrustedKeys.of(
+        [TrustedKey(first.public_key(), *window), TrustedKey(second.public_key(), *window)]
+    )
+    revoked = TrustedKeys.from_json(keys.revoke(first.keyid).to_json())
+    assert revoked.lookup(first.keyid).revoked and not revoked.lookup(second.keyid).revoked
+    assert not keys.lookup(first.keyid).revoked  # a new object; the original is unchanged
+    with pytest.raises(UntrustedKeyError):
+        keys.revoke("sha256:" + "0" * 64)

@@ -137,6 +137,51 @@ def test_secagg_roster_checks_signatures_of_current_members_only() -> None:
         secagg.verify(gone.node_id, gone.sign(b"statement"), b"statement")
 
 
+def test_the_secagg_roster_follows_every_membership_change_although_it_is_built_once() -> None:
+    late = entry(14, not_before=NOW + timedelta(hours=2), not_after=NOW + timedelta(days=9))
+    ends = entry(15, not_before=T0, not_after=NOW + timedelta(hours=3))
+    roster = Roster.of("lab", NOW, [entry(11), late, ends]).revoke(
+        identity(11).node_id, at=NOW + timedelta(hours=1), issued_at=NOW
+    )
+    first = roster.secagg_roster(NOW)
+    assert roster.secagg_roster(NOW + timedelta(minutes=59)) is first  # no change in between
+    for hours, expected in [
+        (0, {11, 15}),
+        (1, {15}),  # 11 revoked
+        (2, {14, 15}),  # 14 starts
+        (3, {14, 15}),  # 15 is valid through its not_after...
+        (3 + 1 / 3600, {14}),  # ...and not a second later
+        (0, {11, 15}),  # back in time: rebuilt, not stale
+    ]:
+        at = NOW + timedelta(hours=hours)
+        assert set(roster.secagg_roster(at)) == {identity(s).node_id for s in expected}
+        assert set(roster.secagg_roster(at)) == set(roster.members(at))
+
+
+def test_a_verified_envelope_is_checked_again_at_every_now_and_under_other_keys() -> None:
+    envelope = sign_roster(make_roster(), OPERATOR)
+    assert verify_roster(envelope, trusted(), now=NOW) == make_roster()  # now cached
+    with pytest.raises(RosterKeyExpiredError, match="outside"):
+        verify_roster(envelope, trusted(), now=T0 + timedelta(days=4000))
+    with pytest.raises(RosterKeyRevokedError, match="revoked"):
+        verify_roster(envelope, trusted(revoked=True), now=NOW)
+    with pytest.raises(RosterKeyUntrustedError):
+        verify_roster(envelope, trusted(STRANGER), now=NOW)
+    document = json.loads(envelope)
+    signature = bytearray(base64.b64decode(document["signatures"][0]["sig"]))
+    signature[0] ^= 1
+    document["signatures"][0]["sig"] = base64.b64encode(bytes(signature)).decode()
+    with pytest.raises(RosterBadSignatureError):
+        verify_roster(canonical_json(document), trusted(), now=NOW)
+
+
+def test_entries_are_found_by_node_id() -> None:
+    roster = make_roster(*range(20, 60))
+    assert roster.entry(identity(33).node_id).name == "node-33"
+    with pytest.raises(KeyError, match="not in the roster"):
+        roster.entry(identity(99).node_id)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -26,6 +26,7 @@ from manifests.verify import (
     BadSignatureError,
     BundleVerificationError,
     ConfigHashMismatchError,
+    CreatedInFutureError,
     DigestMismatchError,
     InvalidJSONError,
     KeyExpiredError,
@@ -211,9 +212,26 @@ def test_revoked_key_fails(valid: Path) -> None:
         verify_bundle(valid, trusted(revoked=True))
 
 
-def test_key_expired_at_verification_time_fails(valid: Path) -> None:
-    with pytest.raises(KeyExpiredError, match="verification time 2027-01-01T00:00:00Z is outside"):
-        verify_bundle(valid, TRUSTED, now=datetime(2027, 1, 1, tzinfo=UTC))
+def test_bundle_signed_inside_the_window_still_verifies_after_the_window_ends(
+    valid: Path,
+) -> None:
+    """A bundle outlives its key's window (manifests.keys, "Keys over time")."""
+    result = verify_bundle(valid, TRUSTED, now=datetime(2027, 1, 1, tzinfo=UTC))
+    assert result.artifact_name
+
+
+def test_revocation_rejects_a_bundle_signed_inside_the_window_even_after_it_ended(
+    valid: Path,
+) -> None:
+    with pytest.raises(KeyRevokedError, match="revoked"):
+        verify_bundle(valid, TRUSTED.revoke(KEY.keyid), now=datetime(2027, 1, 1, tzinfo=UTC))
+
+
+def test_manifest_created_after_the_verification_time_fails(valid: Path) -> None:
+    """The fixture's manifest is created on 2025-06-01: checked on 2025-05-01 it is from the
+    future (a forward-dated bundle), beyond the clock skew allowed."""
+    with pytest.raises(CreatedInFutureError, match="after the verification time"):
+        verify_bundle(valid, TRUSTED, now=datetime(2025, 5, 1, tzinfo=UTC))
 
 
 def test_key_not_yet_valid_at_created_at_fails(

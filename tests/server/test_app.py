@@ -131,7 +131,7 @@ def test_invalid_options_are_all_reported_at_once(tmp_path: Path) -> None:
     assert problems == (
         "fedbrain.rounds: is not a fedbrain setting (known: run-dir, signing-key, trusted-keys, "
         "database-url, seed, deterministic-noise, resume, run-id, round-timeout, "
-        "node-wait-timeout, min-nodes, stop-on-aborted-round, roster, signed-job).",
+        "node-wait-timeout, min-nodes, stop-on-aborted-round, roster, signed-job, job-envelope).",
         "fedbrain.run-dir: is required (where the ledger and bundle go).",
         f"fedbrain.signing-key: no such file {str(tmp_path / 'missing.pem')!r}.",
         "fedbrain.seed: must be a whole number. Found 1.5.",
