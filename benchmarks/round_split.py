@@ -32,7 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| job | round | local training (s) | secure aggregation (s) | evaluation (s) | "
           "round total (s) | training share |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for ledger_file in sorted(args.out.glob("runs/*/ledger.sqlite")):
+    # one ledger for the whole simulation (<out>/ledger.sqlite); older outputs: one per job
+    files = [args.out / "ledger.sqlite", *sorted(args.out.glob("runs/*/ledger.sqlite"))]
+    for ledger_file in (f for f in files if f.is_file()):
         ledger = Ledger.for_run_dir(ledger_file.parent, create=False)
         for run in ledger.list_runs():
             for record in ledger.rounds(run.run_id):

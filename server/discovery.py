@@ -2,8 +2,8 @@
 eligible ones (right node type, same model fingerprint, willing to work for the job).
 
 The eligible nodes are the run's fixed population; refused nodes and their reasons are
-logged, written to ``<run_dir>/nodes.json`` and returned for the ledger. A node never reports
-how many examples it holds.
+logged, written to ``<run_dir>/nodes.json``, handed to ``on_refused`` (the federator records
+them in the ledger) and returned. A node never reports how many examples it holds.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -67,12 +67,18 @@ def discover_nodes(
     reply_timeout: float,
     run_dir: Path,
     run_id: str,
+    on_refused: Callable[[Mapping[int, str]], object] | None = None,
+    base_digest: str | None = None,
 ) -> Discovery:
     """Ask every connected node for its node info (see the module docstring).
 
     ``envelope``: the operator-signed job the nodes check; ``members``: the roster's members
     (SecAgg+ id -> identity key): a node whose identity is not among them is refused, and each
-    eligible node's SecAgg+ id is the one its identity key derives.
+    eligible node's SecAgg+ id is the one its identity key derives. ``base_digest``: the digest
+    of the base checkpoint the server holds; a node holding another base is refused naming
+    both digests (before the fingerprint, which covers the base too). ``on_refused`` receives
+    the refused nodes and their reasons (when there are any), before too few eligible nodes
+    raise.
 
     Raises :class:`NotEnoughNodesError` when fewer than ``needed`` nodes connect within
     ``wait_timeout`` seconds or fewer than ``needed`` are eligible.
@@ -118,6 +124,12 @@ def discover_nodes(
                     reason = f"not eligible: {info.reason or 'no reason given'}"
                 elif info.node_type != wanted_type:
                     reason = f"node type {info.node_type!r}, the job needs {wanted_type!r}"
+                elif base_digest is not None and info.base_digest != base_digest:
+                    reason = (
+                        f"base checkpoint digest {info.base_digest or '(none)'} differs from the "
+                        f"server's {base_digest}: the node holds another base at "
+                        f"{job.base_checkpoint}"
+                    )
                 elif info.model_fingerprint != fingerprint:
                     reason = (
                         f"model fingerprint {info.model_fingerprint or '(none)'} differs from "
@@ -136,6 +148,8 @@ def discover_nodes(
             continue
         eligible.append(node)
     _write_nodes_file(run_dir, run_id, eligible, refused)
+    if refused and on_refused is not None:
+        on_refused(refused)
     if len(eligible) < needed:
         detail = "; ".join(f"node {n}: {r}" for n, r in sorted(refused.items()))
         raise NotEnoughNodesError(

@@ -1,7 +1,8 @@
 """``fedbrain simulate [SCENARIO]``: run a scenario on Flower's Simulation Engine.
 
 Exit codes (:class:`simulations.runner.ExitCode`): 0 every job passed and its bundle verified;
-1 a job failed or a bundle did not verify; 2 invalid scenario or options (every problem
+1 a job failed or a bundle did not verify, or the run could not start (the output folder is in
+use by another run, the ledger cannot be opened); 2 invalid scenario or options (every problem
 listed); 3 no failure, but a job was rejected by its reliability threshold (no bundle).
 """
 
@@ -72,7 +73,11 @@ def simulate(
         int | None, typer.Option(min=0, help="Seed of the demo data and the runs.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Output folder (data, keys, runs, summary.json).")
+        Path | None,
+        typer.Option(
+            help="Output folder (data, keys, runs, ledger, summary.json). One run at a time: "
+            "a run into a folder that another run is using is refused."
+        ),
     ] = None,
     only: Annotated[
         list[str] | None,
@@ -96,7 +101,7 @@ def simulate(
         str | None,
         typer.Option(
             help="Ledger database URL every job of the run writes to (SQLAlchemy URL). "
-            "Default: a ledger in the output folder."
+            "Default: ledger.sqlite in the output folder."
         ),
     ] = None,
     events: Annotated[
@@ -105,6 +110,14 @@ def simulate(
             help="Append every progress event to this file as one JSON line (flushed), for "
             "other processes to follow the run.",
             dir_okay=False,
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on this existing Ray cluster (HOST:PORT of its head, as `ray start "
+            "--head` printed it) instead of starting Ray here. Every Ray node must see the "
+            "output folder at the same path.",
         ),
     ] = None,
 ) -> None:
@@ -131,13 +144,12 @@ def simulate(
         console.print("scenario is valid (--check: nothing was run)")
         return
 
+    from server.ledger import LedgerError
     from simulations.events import EventWriter, tee
+    from simulations.outfolder import OutputFolderInUseError
     from simulations.report import ProgressDisplay, print_summary
     from simulations.runner import run_scenario
 
-    # database_url: passed through only when given; run_scenario honours it (the round
-    # pipeline's own change), until then a run given one fails with a TypeError.
-    ledger: dict[str, str] = {} if database_url is None else {"database_url": database_url}
     try:
         writer = None if events is None else EventWriter(events)
         with ProgressDisplay(console, loaded) as display:
@@ -148,11 +160,15 @@ def simulate(
                 progress=display if writer is None else tee(writer, display),
                 on_job_start=display.job_started,
                 on_job_end=display.job_finished,
-                **ledger,
+                database_url=database_url,
+                ray_address=ray_address,
             )
         if writer is not None:
             writer.close()
-    except (OSError, ValueError) as exc:
+    except OutputFolderInUseError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.FAILED) from None
+    except (OSError, ValueError, LedgerError) as exc:
         console.print(f"[red]error[/]: {escape(str(exc))}")
         raise typer.Exit(ExitCode.FAILED) from None
     print_summary(console, result)

@@ -1,5 +1,6 @@
-"""Kill `fedbrain simulate` (SIGKILL, whole process group) after its first checkpoint, then
-`--resume`: no round is repeated or lost (ledger), and the bundle verifies."""
+"""Kill `fedbrain simulate` (SIGKILL, whole process group) after its first checkpoint, move
+the output folder, then `--resume` in its new place: no round is repeated or lost (ledger),
+and the bundle verifies."""
 
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ def _fedbrain(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_simulation_resumes_without_repeating_or_losing_a_round(tmp_path: Path) -> None:
+def test_killed_simulation_resumes_in_a_moved_folder_without_repeating_or_losing_a_round(
+    tmp_path: Path,
+) -> None:
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(SCENARIO)
     out = tmp_path / "out"
@@ -80,30 +83,35 @@ def test_killed_simulation_resumes_without_repeating_or_losing_a_round(tmp_path:
         first.wait(timeout=30)
         log.close()
 
-    with Ledger.for_run_dir(run_dir, create=False) as ledger:
+    with Ledger.for_run_dir(out, create=False) as ledger:  # one ledger for every job
         (killed,) = ledger.list_runs()
         before = {r.round: r.recorded_at for r in ledger.rounds(killed.run_id)}
     assert killed.status is RunStatus.RUNNING  # nobody got to close it
     assert 1 in before and len(before) < 3
 
+    moved = tmp_path / "moved"
+    out.rename(moved)  # the killed run's lock does not travel; its paths are relative
+    run_dir = moved / "runs" / ARTIFACT
     second = subprocess.run(
-        _fedbrain("simulate", str(scenario), "--out", str(out), "--resume"),
+        _fedbrain("simulate", str(scenario), "--out", str(moved), "--resume"),
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resumed run {killed.run_id}" in " ".join(second.stdout.split())
+    assert f"run {killed.run_id}: resumed after round" in " ".join(second.stdout.split())
 
-    with Ledger.for_run_dir(run_dir, create=False) as ledger:
+    with Ledger.for_run_dir(moved, create=False) as ledger:
         (run,) = ledger.list_runs()
         rounds = ledger.rounds(run.run_id)
     assert run.run_id == killed.run_id and run.status is RunStatus.COMPLETED
     assert [r.round for r in rounds] == [1, 2, 3]  # none lost, none twice
     assert rounds[0].recorded_at == before[1]  # the checkpointed round was kept, not redone
     bundle = run_dir / f"{ARTIFACT}.zip"
-    trusted = TrustedKeys.load(out / "keys" / "trusted_keys.json")
+    assert run.bundle_path is not None and Path(run.bundle_path).samefile(bundle)
+    assert not out.exists()  # nothing was written to the old place
+    trusted = TrustedKeys.load(moved / "keys" / "trusted_keys.json")
     manifest = verify_bundle(bundle, trusted).manifest
     assert manifest.provenance.rounds == 3
     assert manifest.provenance.participants_per_round == [3, 3, 3]
