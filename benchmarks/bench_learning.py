@@ -39,6 +39,8 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from clients.app import make_client_app
 from clients.config import NodeConfig
 from clients.data import LabelledDataset, load_images
@@ -255,10 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    scenario, job_entry, job = vision_job(rounds=args.rounds, sets=args.set)
+    scenario, _entry, job = vision_job(rounds=args.rounds, sets=args.set)
     out = args.out or Path(tempfile.mkdtemp(prefix="fedbrain-bench-learning-"))
     dirs = materialize_data(scenario, out)
-    plain = node_configs(scenario, job_entry, dirs)
+    plain = node_configs(scenario, dirs)
     # The nodes' kits (open policy: the benchmark also runs the job without DP).
     federation = provision(out / "federation", len(plain), NodeType.ENCODER)
     nodes = federation.node_configs([plain[pid].data_dir for pid in sorted(plain)])

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus import GradSampleModule
 from torch import nn
 from transformers import GPT2LMHeadModel
 
@@ -121,7 +120,7 @@ def adapt(
         for name, value in (("lora_rank", lora_rank), ("lora_alpha", lora_alpha))
         if not isinstance(value, int) or isinstance(value, bool) or value < 1
     ]
-    if isinstance(model, GradSampleModule):
+    if unwrap(model) is not model:
         problems.append("adapt the plain model before `make_private` wraps it.")
     if problems:
         raise ValueError(" ".join(problems))

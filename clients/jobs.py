@@ -31,11 +31,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from aggregation.accountant import PrivacyEvent, SubsampledGaussianEvent
 from aggregation.codec import EXAMPLE_CAP, Metric, MetricSpec, RingLayout
@@ -43,13 +45,13 @@ from aggregation.ddp import DdpConfig, DistributedMechanism
 from aggregation.ddp_accounting import DistributedDpEvent
 from aggregation.dp import calibrate_for_events, calibrate_noise_multiplier
 from aggregation.privacy import DpUnit, PrivacyLevel, WorkloadKind
+from clients.checkpoints import read_config
 from clients.demo_data import AUDIO_CLASSES, TEXT_TOPICS, VISION_CLASSES, Modality
 from clients.models import (
     ModelFamily,
     ModelSpec,
     build_model,
     family_for_base_model,
-    get_weights,
     spec_for_base_model,
 )
 from clients.protocol import Work
@@ -61,7 +63,7 @@ from clients.sensing import (
     contribution_length,
 )
 from manifests.catalog import NodeType, NotTrainableError, Task
-from manifests.jobspec import JobSpec, Sampling
+from manifests.jobspec import DEMO_BASE, JobSpec, Sampling
 
 __all__ = [
     "DEFAULT_CAMERA_INPUT_SIZE",
@@ -173,11 +175,19 @@ def _supervised(job: JobSpec) -> bool:
 
 
 def model_spec_for_job(job: JobSpec) -> ModelSpec:
-    """The model a model job trains; server and nodes build it alike."""
+    """The model a model job trains; server and nodes build it alike: from the job's base
+    checkpoint when it names one, adapted as the job says (only the trainable tensors travel:
+    :mod:`clients.adaptation`)."""
     modality = modality_for_job(job)
     if workload_for_job(job) is not WorkloadKind.MODEL:
         raise ValueError(f"{job.catalog_entry.id} is a sensing job: it trains no model.")
-    return spec_for_base_model(
+    if job.base_checkpoint == DEMO_BASE:
+        raise ValueError(
+            "base_checkpoint = demo names the demo base that `fedbrain simulate` generates and "
+            "puts in the job before signing it; outside a simulation, give the absolute path "
+            "of a local checkpoint folder."
+        )
+    spec = spec_for_base_model(
         job.base_model,
         hidden_size=job.hidden_size,
         num_layers=job.num_layers,
@@ -187,7 +197,17 @@ def model_spec_for_job(job: JobSpec) -> ModelSpec:
         input_size=job.input_size,
         sample_rate=job.sample_rate,
         max_seq_length=job.max_seq_length,
+        checkpoint=None if job.base_checkpoint is None else Path(job.base_checkpoint),
+        adaptation=job.adaptation,
+        lora_rank=job.resolved_lora_rank,
+        lora_alpha=job.resolved_lora_alpha,
     )
+    if spec.family is ModelFamily.VIT and spec.base_folder is not None:
+        # The learning form has no patch size: a ViT base brings its own.
+        patch = read_config(spec.base_folder).get("patch_size")
+        if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0:
+            spec = replace(spec, patch_size=patch)
+    return spec
 
 
 def sensing_ranges(job: JobSpec) -> FeatureRanges:
@@ -241,9 +261,7 @@ def analytics_row_bound(job: JobSpec, work: Work) -> float:
     return math.sqrt(1.0 + features / 2.0)
 
 
-def clip_statistic_rows(
-    rows: npt.NDArray[np.float64], bound: float
-) -> npt.NDArray[np.float64]:
+def clip_statistic_rows(rows: npt.NDArray[np.float64], bound: float) -> npt.NDArray[np.float64]:
     """Rows scaled down to L2 norm ``bound`` where longer, then divided by it (norm <= 1)."""
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
@@ -343,16 +361,20 @@ def _update_bound(job: JobSpec) -> float:
 
 
 def update_length_for(job: JobSpec) -> int:
-    """Values in a model job's flattened update (0 for analytics); builds the model once per
-    process."""
+    """Values in a model job's flattened update: its *trainable* tensors (all weights for
+    ``adaptation = full``; LoRA adapters and heads, or heads alone, otherwise) -- 0 for
+    analytics. Counted once per process on a model without storage (``meta`` device; the
+    base checkpoint's values do not change the count)."""
     if workload_for_job(job) is WorkloadKind.ANALYTICS:
         return 0
-    return _layout_size(model_spec_for_job(job))
+    return _layout_size(replace(model_spec_for_job(job), checkpoint=None))
 
 
 @functools.cache
 def _layout_size(spec: ModelSpec) -> int:
-    return sum(int(a.size) for a in get_weights(build_model(spec)))
+    with torch.device("meta"):
+        model = build_model(spec)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _distributed(job: JobSpec) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,6 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus import GradSampleModule
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -68,6 +68,7 @@ from clients.checkpoints import (
 )
 from clients.data import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 from manifests.confighash import JsonValue, canonical_json
+from manifests.jobspec import Adaptation
 
 __all__ = [
     "BASE_MODEL_FAMILIES",
@@ -106,20 +107,6 @@ class ModelFamily(StrEnum):
     def is_encoder(self) -> bool:
         """Whether the family is an embedding encoder (else: a language model)."""
         return self is not ModelFamily.GPT2
-
-
-class Adaptation(StrEnum):
-    """Which weights fine-tuning trains (and the nodes send).
-
-    ``full``: every weight. ``lora``: low-rank adapters (Hu et al. 2021, "LoRA: Low-Rank
-    Adaptation of Large Language Models") on the attention and MLP linears, plus the encoder
-    heads; the backbone stays frozen. ``head``: only the heads (encoders: projection and
-    classifier; GPT-2: the final layer norm and the tied byte embedding / LM head).
-    """
-
-    FULL = "full"
-    LORA = "lora"
-    HEAD = "head"
 
 
 BASE_MODEL_FAMILIES: dict[str, ModelFamily] = {
@@ -500,7 +487,10 @@ def _backbone(
 ) -> PreTrainedModel:
     if folder is None:
         return cls(config, **kwargs)
-    return load_pretrained(cls, folder, config, **kwargs)
+    # from_pretrained returns the model in eval mode; a built model trains like a fresh one
+    # (dropout on; Opacus refuses a model in eval mode).
+    model: PreTrainedModel = load_pretrained(cls, folder, config, **kwargs).train()
+    return model
 
 
 def build_model(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
@@ -652,6 +642,10 @@ class WeightsError(ValueError):
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside an Opacus ``GradSampleModule`` (or ``model`` itself)."""
+    if "opacus" not in sys.modules:  # nothing can be wrapped before Opacus is loaded
+        return model
+    from opacus import GradSampleModule
+
     while isinstance(model, GradSampleModule):
         model = cast(nn.Module, model._module)
     return model

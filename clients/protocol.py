@@ -238,8 +238,10 @@ class NodeInfo:
     ``eligible`` says whether it can work for this job (its node type matches, its data loads,
     the model builds, its policy accepts the job); when not, ``reason`` says why in words.
     ``model_fingerprint`` is ``clients.models.model_fingerprint`` of the job's model ("" for
-    analytics jobs), so the server can refuse a node that would build another architecture.
-    A node never reports how many examples it holds: that is private.
+    analytics jobs), so the server can refuse a node that would build another architecture;
+    ``base_digest`` the content digest of the base checkpoint the node holds at the job's
+    ``base_checkpoint`` path ("" without one), so that a node with another base is refused
+    with that reason. A node never reports how many examples it holds: that is private.
     """
 
     node_type: str
@@ -247,8 +249,19 @@ class NodeInfo:
     model_fingerprint: str = ""
     reason: str = ""
     identity_key: str = ""
+    base_digest: str = ""
 
     def __post_init__(self) -> None:
+        digest = self.base_digest.removeprefix("sha256:")
+        if self.base_digest and (
+            not self.base_digest.startswith("sha256:")
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest)
+        ):
+            raise ValueError(
+                "`node_info.base_digest` must be 'sha256:' and 64 lowercase hex digits, or "
+                f"empty. Found {self.base_digest[:80]!r}."
+            )
         if self.identity_key and (
             len(self.identity_key) != 64
             or any(c not in "0123456789abcdef" for c in self.identity_key)
@@ -268,18 +281,21 @@ class NodeInfo:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeInfo:
-        known = {"node_type", "eligible", "model_fingerprint", "reason", "identity_key"}
+        known = {
+            "node_type", "eligible", "model_fingerprint", "reason", "identity_key", "base_digest",
+        }  # fmt: skip
         unknown = sorted(set(record) - known)
         if unknown:
             raise ValueError(f"The `node_info` record has unknown keys {unknown}.")
         node_type, eligible = record.get("node_type"), record.get("eligible")
         fingerprint, reason = record.get("model_fingerprint", ""), record.get("reason", "")
-        identity = record.get("identity_key", "")
+        identity, base = record.get("identity_key", ""), record.get("base_digest", "")
         if not isinstance(node_type, str) or not isinstance(eligible, bool):
             raise ValueError("`node_info.node_type` must be a str and `eligible` a bool.")
-        if not all(isinstance(v, str) for v in (fingerprint, reason, identity)):
+        if not all(isinstance(v, str) for v in (fingerprint, reason, identity, base)):
             raise ValueError(
-                "`node_info.model_fingerprint`, `reason` and `identity_key` must be strings."
+                "`node_info.model_fingerprint`, `reason`, `identity_key` and `base_digest` must "
+                "be strings."
             )
         return cls(
             node_type=node_type,
@@ -287,6 +303,7 @@ class NodeInfo:
             model_fingerprint=str(fingerprint),
             reason=str(reason),
             identity_key=str(identity),
+            base_digest=str(base),
         )
 
 

@@ -33,6 +33,17 @@ Decisions:
   ``{node_type}.{component}.{variant}.{run_name}.{timestamp}`` instead (``run_name`` defaults
   to ``"run"``).
 - ``node_type`` defaults to the catalog entry's node type; a different one is an error.
+- Fine-tuning from a pretrained base: ``base_checkpoint`` is the absolute path of a local
+  Hugging Face folder (``config.json`` + safetensors) that the server and every node hold at
+  that path, or ``demo`` (:data:`DEMO_BASE`: the project's deterministic demo base of the job's
+  family, which ``fedbrain simulate`` generates and substitutes before signing the job; a
+  server or node refuses a job still naming ``demo``). ``adaptation`` (``full`` / ``lora`` /
+  ``head``) says what trains and travels; ``lora`` and ``head`` need a base (the frozen weights
+  must be the same everywhere). ``lora_rank`` / ``lora_alpha`` (default 8 / 16) apply to
+  ``lora`` only. ``bundle_weights``: ``merged`` (every weight, adapters folded in) or
+  ``adapters`` (the trained tensors alone, with the base's digest in the manifest).
+  :meth:`JobSpec.training_config` covers them all, the base by its content digest (not its
+  path, which is machine-specific).
 """
 
 from __future__ import annotations
@@ -115,6 +126,37 @@ class RobustAggregation(StrEnum):
     MEDIAN = "median"
     TRIMMED_MEAN = "trimmed-mean"
     KRUM = "krum"
+
+
+class Adaptation(StrEnum):
+    """Which weights fine-tuning trains -- and so which the nodes send, clip, mask and noise.
+
+    ``full``: every weight. ``lora``: low-rank adapters (Hu et al. 2021, "LoRA: Low-Rank
+    Adaptation of Large Language Models", arXiv:2106.09685) on the attention and MLP linears,
+    plus an encoder's heads; the backbone stays frozen. ``head``: only the heads (encoders:
+    projection and classifier; GPT-2: the final layer norm and the tied byte embedding / LM
+    head).
+    """
+
+    FULL = "full"
+    LORA = "lora"
+    HEAD = "head"
+
+
+class BundleWeights(StrEnum):
+    """What the bundle's ``model.safetensors`` holds: every weight with any adapters folded in
+    (``merged``), or only the trained tensors (``adapters``), which rebuild the model on the
+    base checkpoint whose digest the manifest records."""
+
+    MERGED = "merged"
+    ADAPTERS = "adapters"
+
+
+DEMO_BASE = "demo"
+"""``base_checkpoint`` value naming the project's deterministic demo base of the job's family
+(``clients.pretrain``); ``fedbrain simulate`` replaces it by the generated folder."""
+DEFAULT_LORA_RANK = 8
+DEFAULT_LORA_ALPHA = 16
 
 
 class ArtifactNaming(StrEnum):
@@ -229,6 +271,11 @@ class JobSpec(BaseModel):
     precision: Precision = Precision.FP32
     quantize: StrictBool = False
     checkpoint_interval: StrictInt = Field(1, ge=1)
+    base_checkpoint: str | None = Field(None, min_length=1, max_length=4096)
+    adaptation: Adaptation = Adaptation.FULL
+    lora_rank: StrictInt | None = Field(None, ge=1, le=4096)
+    lora_alpha: StrictInt | None = Field(None, ge=1, le=65536)
+    bundle_weights: BundleWeights = BundleWeights.MERGED
     augmentations: tuple[str, ...] = ()
     preprocessing_profile: str | None = Field(None, min_length=1)
     train_data_tags: tuple[str, ...] = ()
@@ -297,6 +344,25 @@ class JobSpec(BaseModel):
             raise ValueError(
                 "must be lowercase letters and digits in words joined by single hyphens "
                 f"(e.g. vit-base16). Found {value!r}."
+            )
+        return value
+
+    @field_validator("base_checkpoint")
+    @classmethod
+    def _check_base_checkpoint(cls, value: str | None) -> str | None:
+        if value is None or value == DEMO_BASE:
+            return value
+        if (
+            value != value.strip()
+            or not value.isprintable()
+            or "://" in value
+            or not Path(value).is_absolute()
+            or value.endswith(".safetensors")
+        ):
+            raise ValueError(
+                "must be the absolute path of a local Hugging Face folder (config.json + "
+                "safetensors) that the server and every node hold, or demo (the demo base "
+                f"`fedbrain simulate` generates); nothing is downloaded. Found {value!r}."
             )
         return value
 
@@ -439,21 +505,56 @@ class JobSpec(BaseModel):
             created_at=created_at,
         )
 
-    def training_config(self) -> dict[str, JsonValue]:
-        """The settings hashed into ``training_config_hash``."""
-        return {
+    @property
+    def resolved_lora_rank(self) -> int:
+        """``lora_rank``, or :data:`DEFAULT_LORA_RANK`."""
+        return self.lora_rank or DEFAULT_LORA_RANK
+
+    @property
+    def resolved_lora_alpha(self) -> int:
+        """``lora_alpha``, or :data:`DEFAULT_LORA_ALPHA`."""
+        return self.lora_alpha or DEFAULT_LORA_ALPHA
+
+    def training_config(self, *, base_digest: str | None = None) -> dict[str, JsonValue]:
+        """The settings hashed into ``training_config_hash``.
+
+        Fine-tuning settings appear when they differ from a from-scratch full training (so a
+        job without them hashes as before): ``base_checkpoint_digest`` -- the base's content
+        digest ``base_digest``, which whoever reads the folder computes (the server, at the
+        start of a run; ``None`` in a preview that has not read it) --, ``adaptation``, the
+        LoRA rank and alpha, and ``bundle_weights``.
+        """
+        if base_digest is not None and self.base_checkpoint is None:
+            raise ValueError("base_digest is given, but the job names no base_checkpoint.")
+        config: dict[str, JsonValue] = {
             "batch_size": self.batch_size,
             "learning_rate": self.learning_rate,
             "optimizer": self.optimizer.value,
             "epochs": self.epochs,
             "weight_decay": self.weight_decay,
         }
+        if self.base_checkpoint is not None:
+            config["base_checkpoint_digest"] = base_digest
+        if self.adaptation is not Adaptation.FULL:
+            config["adaptation"] = self.adaptation.value
+        if self.adaptation is Adaptation.LORA:
+            config["lora_rank"] = self.resolved_lora_rank
+            config["lora_alpha"] = self.resolved_lora_alpha
+        if self.bundle_weights is not BundleWeights.MERGED:
+            config["bundle_weights"] = self.bundle_weights.value
+        return config
 
     def manifest_fields(
-        self, *, created_at: datetime, run_name: str | None = None
+        self,
+        *,
+        created_at: datetime,
+        run_name: str | None = None,
+        base_digest: str | None = None,
     ) -> dict[str, object]:
-        """The manifest fields that come from the learning form (plain JSON values)."""
-        training_config = self.training_config()
+        """The manifest fields that come from the learning form (plain JSON values);
+        ``base_digest``: the content digest of the job's base checkpoint (see
+        :meth:`training_config`)."""
+        training_config = self.training_config(base_digest=base_digest)
         model_config = {
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
@@ -480,6 +581,7 @@ class JobSpec(BaseModel):
             "model_config": {k: v for k, v in model_config.items() if v is not None},
             "input_spec": {k: v for k, v in input_spec.items() if v is not None},
             "training_config": training_config,
+            "base_checkpoint_digest": base_digest,
             "checkpoint_policy": {"interval_rounds": self.checkpoint_interval},
             "data_prep_profile": {
                 "augmentations": list(self.augmentations),

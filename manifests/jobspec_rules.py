@@ -16,7 +16,9 @@ from aggregation.privacy import DpUnit
 from manifests import modelsize
 from manifests.catalog import CatalogEntry, NotTrainableError, Task
 from manifests.jobspec import (
+    Adaptation,
     ArtifactNaming,
+    BundleWeights,
     JobSpec,
     Precision,
     RobustAggregation,
@@ -94,6 +96,7 @@ def _cross_field_problems(spec: JobSpec, broken: frozenset[str]) -> tuple[list[s
             )
     problems.extend(_privacy_problems(spec, ok))
     problems.extend(_federation_problems(spec, ok))
+    problems.extend(_fine_tuning_problems(spec, ok))
     if entry is not None and ok(*_SIZE_FIELDS, "privacy_level", "dp.unit"):
         problem = _size_problem(spec, entry)
         if problem is not None:
@@ -280,4 +283,58 @@ def _federation_problems(spec: JobSpec, ok: _Ok) -> list[str]:
                 "secagg.reconstruction_threshold: must not exceed federation.clients_per_round "
                 f"({n}). Found {threshold}."
             )
+    return problems
+
+
+def _fine_tuning_problems(spec: JobSpec, ok: _Ok) -> list[str]:
+    """Base checkpoint, adaptation, LoRA settings and bundle contents (see the job spec)."""
+    problems: list[str] = []
+    kind = spec.adaptation
+    if ok("task") and spec.task in (Task.PREPROC, Task.NORMALIZER):
+        set_here = [
+            f"{name} = {value}"
+            for name, value, default in (
+                ("base_checkpoint", spec.base_checkpoint, None),
+                ("adaptation", kind, Adaptation.FULL),
+                ("lora_rank", spec.lora_rank, None),
+                ("lora_alpha", spec.lora_alpha, None),
+                ("bundle_weights", spec.bundle_weights, BundleWeights.MERGED),
+            )
+            if value != default
+        ]
+        if set_here:
+            problems.append(
+                f"{set_here[0].split(' =')[0]}: a {spec.task} job computes statistics and "
+                f"trains no model; remove it. Found {', '.join(set_here)}."
+            )
+        return problems
+    if (
+        ok("adaptation", "base_checkpoint")
+        and kind is not Adaptation.FULL
+        and spec.base_checkpoint is None
+    ):
+        problems.append(
+            f"adaptation: {kind} trains on top of a frozen pretrained base, which the server "
+            "and every node must hold alike: set base_checkpoint (the absolute path of a local "
+            "checkpoint folder, or demo in a simulation), or use adaptation = full. Found no "
+            "base_checkpoint."
+        )
+    if ok("adaptation"):
+        for name in ("lora_rank", "lora_alpha"):
+            value = getattr(spec, name)
+            if ok(name) and value is not None and kind is not Adaptation.LORA:
+                problems.append(
+                    f"{name}: applies to adaptation = lora only; remove it or set adaptation "
+                    f"= lora. Found {name} = {value} with adaptation = {kind}."
+                )
+    if (
+        ok("bundle_weights", "adaptation")
+        and spec.bundle_weights is BundleWeights.ADAPTERS
+        and kind is Adaptation.FULL
+    ):
+        problems.append(
+            "bundle_weights: adapters ships only the trained tensors, to add to the frozen "
+            "base; a full fine-tune trains every weight, so it has none to add them to. Use "
+            "bundle_weights = merged, or adaptation = lora or head. Found adaptation = full."
+        )
     return problems

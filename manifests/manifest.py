@@ -247,7 +247,14 @@ class Provenance(_Strict):
 
 
 class Manifest(_Strict):
-    """``artifact_manifest.json``: the specification's metadata plus the run's provenance."""
+    """``artifact_manifest.json``: the specification's metadata plus the run's provenance.
+
+    ``base_checkpoint_digest``: the content digest (``clients.checkpoints.checkpoint_digest``)
+    of the pretrained checkpoint the run fine-tuned, absent for a model trained from scratch;
+    ``training_config`` then names the same digest (and its hash covers it). A bundle of
+    adapters (``training_config.bundle_weights = "adapters"``) holds only the trained tensors
+    and needs it: they rebuild the model on that base.
+    """
 
     artifact_name: str = Field(
         min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -267,6 +274,7 @@ class Manifest(_Strict):
     model_configuration: dict[str, JsonValue] = Field(alias="model_config")
     input_spec: dict[str, JsonValue]
     training_config: dict[str, JsonValue]
+    base_checkpoint_digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
     checkpoint_policy: dict[str, JsonValue]
     data_prep_profile: dict[str, JsonValue]
     provenance: Provenance
@@ -280,6 +288,17 @@ class Manifest(_Strict):
                 f"training_config_hash is {self.training_config_hash} but training_config "
                 f"hashes to {expected}"
             )
+        recorded = self.training_config.get("base_checkpoint_digest")
+        if recorded != self.base_checkpoint_digest:
+            problems.append(
+                f"base_checkpoint_digest is {self.base_checkpoint_digest} but training_config "
+                f"names {recorded}"
+            )
+        if (
+            self.training_config.get("bundle_weights") == "adapters"
+            and self.base_checkpoint_digest is None
+        ):
+            problems.append("a bundle of adapters needs the base_checkpoint_digest of its base")
         for part, levels, present in (
             ("dp", ("dp", "dp+secure-agg"), self.provenance.dp is not None),
             ("secagg", ("secure-agg", "dp+secure-agg"), self.provenance.secagg is not None),
@@ -295,6 +314,8 @@ class Manifest(_Strict):
     def to_json_object(self) -> dict[str, JsonValue]:
         """The manifest as a JSON object (field names as in the file)."""
         data: dict[str, JsonValue] = self.model_dump(mode="json", by_alias=True)
+        if data.get("base_checkpoint_digest") is None:  # from scratch: the manifest as before
+            data.pop("base_checkpoint_digest", None)
         return data
 
     def canonical_bytes(self) -> bytes:
@@ -333,6 +354,7 @@ _JOB_FIELDS: Final = frozenset(
         "model_config",
         "input_spec",
         "training_config",
+        "base_checkpoint_digest",
         "checkpoint_policy",
         "data_prep_profile",
     }

@@ -5,7 +5,8 @@
 - ``model.safetensors`` -- the final tensors at the job's precision (``int8``:
   :func:`manifests.quantize.quantize_int8`; ``fp16``: :func:`manifests.quantize.cast_fp16`;
   ``fp32``: floating tensors as float32), written deterministically;
-- ``artifact_manifest.json`` -- the manifest (RFC 8785 canonical JSON);
+- ``artifact_manifest.json`` -- the manifest (RFC 8785 canonical JSON), with the digest of
+  the base checkpoint a fine-tune started from;
 - ``<artifact_name>.zip`` -- the signed bundle, when a signing key is given; without one the
   manifest is still written and the result says the artifact is unsigned;
 
@@ -88,6 +89,21 @@ def artifact_tensors(
     return out
 
 
+@dataclass(frozen=True)
+class _FineTuned:
+    """A job's manifest fields with the digest of the base checkpoint it started from."""
+
+    job: JobSpec
+    base_digest: str | None
+
+    def manifest_fields(
+        self, *, created_at: datetime, run_name: str | None = None
+    ) -> dict[str, object]:
+        return self.job.manifest_fields(
+            created_at=created_at, run_name=run_name, base_digest=self.base_digest
+        )
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as handle:
         return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
@@ -102,17 +118,26 @@ def build_artifact(
     signing_key: Path | None,
     trusted_keys: Path | None,
     verify_at: datetime | None = None,
+    base_digest: str | None = None,
 ) -> ArtifactResult:
     """Write weights, manifest and (with a key) the signed bundle; verify it with the trusted
-    keys when given. Raises ``ValueError`` (bad weights or manifest), ``OSError`` (unreadable
-    key) or a ``manifests.verify.BundleVerificationError`` (the bundle fails its own check)."""
+    keys when given. ``base_digest``: the content digest of the job's base checkpoint (the
+    manifest records it; required when the job names one). Raises ``ValueError`` (bad weights
+    or manifest), ``OSError`` (unreadable key) or a ``manifests.verify.BundleVerificationError``
+    (the bundle fails its own check)."""
+    if (job.base_checkpoint is None) != (base_digest is None):
+        raise ValueError(
+            "A fine-tuned job's manifest records its base checkpoint's digest: give "
+            "base_digest exactly when the job names a base_checkpoint."
+        )
+    described = _FineTuned(job, base_digest)
     run_dir.mkdir(parents=True, exist_ok=True)
     weights_path = write_safetensors(
         artifact_tensors(job.precision, tensors), run_dir / WEIGHTS_MEMBER
     )
     notes: list[str] = []
     if signing_key is None:
-        manifest = build_manifest(job, provenance, environ={})
+        manifest = build_manifest(described, provenance, environ={})
         manifest_path = run_dir / MANIFEST_MEMBER
         manifest_path.write_bytes(manifest.canonical_bytes())
         notes.append(
@@ -126,7 +151,7 @@ def build_artifact(
     key = SigningKey.from_pem(signing_key.read_bytes())
     staging = run_dir / ".bundle.zip"
     built = build_bundle(
-        job, weights_path, provenance, key, staging, manifest_dir=run_dir, environ={}
+        described, weights_path, provenance, key, staging, manifest_dir=run_dir, environ={}
     )
     bundle = run_dir / f"{built.manifest.artifact_name}.zip"
     staging.replace(bundle)

@@ -45,18 +45,19 @@ from aggregation.secagg import Roster as SecAggRoster
 from aggregation.secagg import SecAggParams
 from aggregation.secagg.server import MessageHook
 from clients.protocol import Work
-from manifests.confighash import training_config_hash
 from manifests.jobspec import JobSpec
 from manifests.keys import SigningKey, TrustedKeys
 from manifests.manifest import DPParameters, Provenance, Reliability, SecAggParameters
 from manifests.roster import Roster, RosterError, verify_roster
 from manifests.signed_job import SignedJobError, sign_job, verify_signed_job
+from server import restart
 from server.artifact import build_artifact, software_versions
 from server.checkpoint import (
     Checkpoint,
     CheckpointPolicy,
     ResumePoint,
     discard_checkpoints_after,
+    mark_released,
     resume_point,
     write_accountant_state,
     write_checkpoint,
@@ -67,7 +68,7 @@ from server.ledger import Ledger, ParticipantOutcome, Phase, RoundRecord, RoundS
 from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent, RunOptions
 from server.plan import ACCOUNTANT_KIND, MIN_SECURE_GROUP, RunPlan, SamplingPlan
 from server.record import Collected, RoundResult, record_round
-from server.workload import AnalyticsWorkload, ModelWorkload, workload_for
+from server.workload import AnalyticsWorkload, ModelWorkload, config_hash_for, workload_for
 
 __all__ = ["NODES_FILE", "run_federation"]
 
@@ -133,7 +134,7 @@ class _Run:
         self.progress = progress
         self.secagg_hook = secagg_hook
         self.level = job.privacy_level
-        self.config_hash = training_config_hash(job.training_config())
+        self.config_hash = config_hash_for(job)  # the base checkpoint by its digest
         self.run_dir = Path(options.run_dir)
         self.started_at = datetime.now(UTC)
         self.artifact_name = job.resolve_artifact_name(created_at=self.started_at)
@@ -147,6 +148,7 @@ class _Run:
         self.epsilon: float | None = None
         self.notes: list[str] = []
         self.last_metrics: dict[str, float] = {}
+        self.initial_metrics: dict[str, float] = {}  # the untrained model's evaluation
         self.final_eval: dict[str, float] = {}
         self.secagg_used: SecAggParams | None = None
 
@@ -186,6 +188,7 @@ class _Run:
         )
         try:
             start = self._open_run(ledger)
+            restart.link_flower_run(ledger, self.run_id, self.options.flower_run_id)
             try:
                 return self._train(ledger, start)
             except _Stop as stop:
@@ -207,15 +210,16 @@ class _Run:
             run_id = options.run_id or self._unfinished_run_id(ledger)
             if run_id is not None and run_id in {r.run_id for r in ledger.list_runs()}:
                 self.run_id = run_id
+                restart.take_over(ledger, run_id)
                 point = resume_point(self.run_dir, training_config_hash=self.config_hash)
                 self.resume_from = point
                 done = 0 if point is None or point.checkpoint is None else point.checkpoint.round
                 discard_checkpoints_after(self.run_dir, done)
-                deleted = ledger.resume_run(run_id, from_round=done)
+                deleted = ledger.resume_run(run_id, from_round=done, owner=restart.this_process())
                 for record in ledger.rounds(run_id):
                     self._replay(record)
                 self.notes.append(
-                    f"resumed run {run_id} after round {done}"
+                    f"run {run_id}: {restart.record_resume(ledger, run_id, point, done)}"
                     + (f" ({deleted} later round(s) are run again)" if deleted else "")
                 )
                 logger.info(self.notes[-1])
@@ -232,6 +236,7 @@ class _Run:
             run_name=job.run_name,
             dp_unit=job.dp.unit.value if self.level.uses_dp else None,
             started_at=self.started_at,
+            owner=restart.this_process(),
         )
         return 1
 
@@ -317,7 +322,7 @@ class _Run:
         self.notes.append(f"job {signed.job_id[:19]}... signed by {signed.keyid[:19]}...")
         return roster, envelope
 
-    def _setup(self) -> _Setup:
+    def _setup(self, ledger: Ledger) -> _Setup:
         job = self.job
         try:
             workload = workload_for(job, seed=self.options.seed)
@@ -332,11 +337,13 @@ class _Run:
                 envelope=envelope,
                 members=members,
                 fingerprint=workload.fingerprint,
+                base_digest=workload.base_digest,
                 needed=self._needed_nodes(),
                 wait_timeout=self.options.node_wait_timeout,
                 reply_timeout=self.options.round_timeout,
                 run_dir=self.run_dir,
                 run_id=self.run_id,
+                on_refused=lambda refused: ledger.record_refused_nodes(self.run_id, refused),
             )
         except NotEnoughNodesError as exc:
             raise _Stop(str(exc), failed=True) from None
@@ -373,7 +380,7 @@ class _Run:
     # ------------------------------------------------------------------ the loop
 
     def _train(self, ledger: Ledger, start_round: int) -> JobOutcome:
-        setup = self._setup()
+        setup = self._setup(ledger)
         workload, plan = setup.workload, setup.plan
         if self.resume_from is not None:
             self._restore(self.resume_from, setup)
@@ -438,6 +445,7 @@ class _Run:
         accountant = setup.accountant
         if accountant is None or not events:
             return
+        before = accountant.state_dict()
         for event in events:
             accountant.compose(event)
         write_accountant_state(
@@ -445,6 +453,7 @@ class _Run:
             round_number=number,
             accountant=accountant.state_dict(),
             training_config_hash=self.config_hash,
+            before=before,
         )
 
     def _epsilon(self, setup: _Setup) -> float | None:
@@ -486,6 +495,8 @@ class _Run:
         collector = self._collector(setup)
 
         def on_stage(stage: str, seconds: float, metrics: Mapping[str, float]) -> None:
+            if stage in restart.RELEASING_STAGES and setup.accountant is not None:
+                mark_released(self.run_dir, emit_round)  # server.checkpoint: resume charges
             self.emit(
                 EventKind.STAGE,
                 server_round=emit_round,
@@ -573,7 +584,10 @@ class _Run:
         else:
             self.aborted_rounds += 1
             self.participants_per_round.append(0)
-        self.last_metrics = result.progress
+        self.last_metrics = {**self.initial_metrics, **result.progress}
+        self.initial_metrics.update(
+            {k: v for k, v in result.progress.items() if k.startswith("initial_")}
+        )
         return result
 
     # ------------------------------------------------------------------ the end
@@ -669,6 +683,7 @@ class _Run:
                 signing_key=self.options.signing_key,
                 trusted_keys=self.options.trusted_keys,
                 verify_at=finished_at,
+                base_digest=setup.workload.base_digest,
             )
         except Exception as exc:
             logger.exception("Building the artifact of run %s failed.", self.run_id)

@@ -4,9 +4,13 @@ Chosen once at setup (:func:`workload_for`), so the round loop never asks "is th
 job". Both kinds tell the loop which collections make a round, what to send with them, how
 to use an aggregate, how to checkpoint, and what the artifact's tensors are.
 
-- :class:`ModelWorkload`: the global model (built from the job's config, seeded); a fit's
-  averaged update goes through the server optimizer (FedAvg / FedAdam); an evaluation's metric
-  sums become the round's loss, accuracy, perplexity and unigram baseline.
+- :class:`ModelWorkload`: the global model (built from the job's config, seeded, on the job's
+  base checkpoint when it names one, adapted as the job says). Only its trainable tensors
+  travel, are averaged, checkpointed and restored (the frozen base is the same on every node:
+  discovery refuses a node whose base digest differs); a fit's averaged update goes through
+  the server optimizer (FedAvg / FedAdam); an evaluation's metric sums become the round's
+  loss, accuracy, perplexity and unigram baseline. The artifact holds every weight with the
+  adapters folded in, or the trained tensors alone (``bundle_weights``).
 - :class:`AnalyticsWorkload`: the sensing normalizers. Each round is two collections: the
   ranges phase releases per-feature histograms over the public ranges, from which the server
   takes each feature's clipping range (the histogram's significant support, widened to mean
@@ -32,6 +36,13 @@ from aggregation.privacy import WorkloadKind
 from aggregation.server_opt import ServerOptimizer, ServerOptState, make_server_optimizer
 from aggregation.types import Measurements
 from clients import protocol as wire
+from clients.adaptation import (
+    get_trainable_weights,
+    merged_state,
+    set_trainable_weights,
+    trainable_names,
+)
+from clients.checkpoints import checkpoint_digest
 from clients.jobs import (
     HISTOGRAM_BINS,
     analytics_row_bound,
@@ -40,10 +51,11 @@ from clients.jobs import (
     sensing_ranges,
     workload_for_job,
 )
-from clients.models import build_model, get_weights, model_fingerprint, weight_names
+from clients.models import build_model, model_fingerprint
 from clients.protocol import RoundConfig, Work
 from clients.sensing import FeatureRanges, normalizer_from_centred_sum
-from manifests.jobspec import JobSpec
+from manifests.confighash import training_config_hash
+from manifests.jobspec import Adaptation, BundleWeights, JobSpec
 
 __all__ = [
     "RANGE_SIGNIFICANCE",
@@ -51,6 +63,8 @@ __all__ = [
     "AnalyticsWorkload",
     "ModelWorkload",
     "Workload",
+    "base_digest_for",
+    "config_hash_for",
     "round_metrics",
     "workload_for",
 ]
@@ -73,6 +87,7 @@ class Workload(Protocol):
 
     kind: WorkloadKind
     fingerprint: str
+    base_digest: str | None
     update_length: int
     works: tuple[Work, ...]
 
@@ -141,9 +156,29 @@ def round_metrics(output: AggregateOutput, work: Work) -> dict[str, float]:
 # --------------------------------------------------------------------------- model
 
 
+def base_digest_for(job: JobSpec) -> str | None:
+    """The content digest of the job's base checkpoint as this machine holds it (None
+    without a base); :class:`clients.checkpoints.CheckpointError` if it cannot be read."""
+    if workload_for_job(job) is not WorkloadKind.MODEL:
+        return None
+    folder = model_spec_for_job(job).base_folder
+    return None if folder is None else checkpoint_digest(folder)
+
+
+def config_hash_for(job: JobSpec) -> str:
+    """``training_config_hash`` of the job, its base checkpoint by content digest; a base
+    this machine cannot read hashes as unknown (the run then fails at setup, saying why)."""
+    try:
+        digest = base_digest_for(job)
+    except ValueError:
+        digest = None
+    return training_config_hash(job.training_config(base_digest=digest))
+
+
 @dataclass
 class ModelWorkload:
-    """The global model of a model job (see the module docstring)."""
+    """The global model of a model job (see the module docstring): ``names`` / ``weights``
+    are its trainable tensors, in the order they travel."""
 
     job: JobSpec
     names: list[str]
@@ -152,24 +187,26 @@ class ModelWorkload:
     fingerprint: str
     optimizer: ServerOptimizer
     opt_state: ServerOptState
+    base_digest: str | None = None
     kind: WorkloadKind = WorkloadKind.MODEL
 
     @classmethod
     def for_job(cls, job: JobSpec, *, seed: int) -> ModelWorkload:
         spec = model_spec_for_job(job)
         model = build_model(spec, seed=seed)
-        weights = get_weights(model)
+        weights = get_trainable_weights(model)
         optimizer = make_server_optimizer(
             job.federation.server_optimizer.value, eta=job.federation.server_learning_rate
         )
         return cls(
             job,
-            weight_names(model),
+            trainable_names(model),
             [tuple(w.shape) for w in weights],
             weights,
             model_fingerprint(spec),
             optimizer,
             optimizer.init(weights),
+            base_digest=base_digest_for(job),
         )
 
     @property
@@ -213,7 +250,18 @@ class ModelWorkload:
             self.opt_state = optimizer
 
     def final_tensors(self) -> dict[str, NDArray[np.generic]]:
-        return dict(zip(self.names, self.weights, strict=True))
+        """The bundle's tensors: the trainable ones alone (``bundle_weights = adapters``, or a
+        full fine-tune, where they are every weight), else every weight of the model rebuilt
+        on its base with the adapters folded in (:func:`clients.adaptation.merged_state`)."""
+        trained: dict[str, NDArray[np.generic]] = dict(zip(self.names, self.weights, strict=True))
+        if (
+            self.job.bundle_weights is BundleWeights.ADAPTERS
+            or self.job.adaptation is Adaptation.FULL
+        ):
+            return trained
+        model = build_model(model_spec_for_job(self.job))
+        set_trainable_weights(model, self.weights)
+        return dict(merged_state(model))
 
 
 # --------------------------------------------------------------------------- analytics
@@ -283,6 +331,7 @@ class AnalyticsWorkload:
     statistics: F64 = field(default_factory=lambda: np.zeros(0))
     kind: WorkloadKind = WorkloadKind.ANALYTICS
     fingerprint: str = ""
+    base_digest: str | None = None
     update_length: int = 0
 
     @classmethod

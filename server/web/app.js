@@ -281,7 +281,8 @@ async function bundlePage(runId) {
     link.click(); URL.revokeObjectURL(url);
   } }, "Download bundle");
   const fields = ["artifact_name", "model_version", "base_model", "task", "node_type", "privacy_level",
-    "precision", "quantized", "embedding_dim", "training_config_hash", "license", "created_at"];
+    "precision", "quantized", "embedding_dim", "training_config_hash", "base_checkpoint_digest",
+    "license", "created_at"];
   show(
     el("h1", {}, "Bundle of ", el("a", { href: `#/runs/${id}` }, runId)),
     el("p", { id: "verification" }, check.verified
@@ -311,6 +312,14 @@ const FORM = [
     ["precision", ["", "fp32", "fp16", "int8"]], ["quantize", "bool", "post-training int8 (adds -int8 to the name)"],
     ["checkpoint_interval", "int"], ["augmentations", "text", "comma-separated"],
     ["train_data_tags", "text", "comma-separated"], ["artifact_name", "text", "empty: the catalog name"],
+  ]],
+  ["Fine-tuning", [
+    ["base_checkpoint", "text", "absolute path of a local Hugging Face folder on the server and every node; empty: train from scratch"],
+    ["adaptation", ["", "full", "lora", "head"],
+      "what trains and travels — full: every weight · lora: low-rank adapters + heads · head: the heads only (lora and head need a base)"],
+    ["lora_rank", "int", "LoRA rank r (default 8)"], ["lora_alpha", "int", "LoRA alpha (default 16)"],
+    ["bundle_weights", ["", "merged", "adapters"],
+      "merged: every weight, adapters folded in · adapters: the trained tensors + the base's digest"],
   ]],
   ["Federation", [
     ["federation.num_rounds", "int"], ["federation.clients_per_round", "int"],

@@ -111,6 +111,17 @@ def test_a_saved_base_builds_the_same_model_with_fresh_heads(
         assert not torch.equal(loaded.classifier.weight, source.classifier.weight)  # fresh
 
 
+@pytest.mark.parametrize("family", list(ModelFamily))
+def test_a_model_built_on_a_base_is_in_training_mode_like_a_fresh_one(
+    family: ModelFamily, tmp_path: Path
+) -> None:
+    # from_pretrained returns eval mode: dropout would be off and Opacus refuses to train it.
+    folder = _saved(tmp_path, family)
+    for spec in (TINY[family], replace(TINY[family], checkpoint=folder)):
+        model = build_model(spec)
+        assert all(module.training for module in model.modules())
+
+
 def test_a_saved_classifier_is_loaded_when_the_folder_holds_it(tmp_path: Path) -> None:
     source = build_model(TINY[ModelFamily.VIT], seed=3)
     folder = save_base(source, tmp_path / "base", classifier=True)

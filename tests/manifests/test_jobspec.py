@@ -57,6 +57,7 @@ MANIFEST_KEYS = {
     "license",
     "node_type",
     "privacy_level",
+    "base_checkpoint_digest",
     "model_config",
     "input_spec",
     "training_config",

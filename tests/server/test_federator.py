@@ -446,6 +446,7 @@ def test_server_receives_nothing_in_the_clear_under_secure_aggregation(
                 "model_fingerprint",
                 "reason",
                 "identity_key",
+                "base_digest",  # of the public base checkpoint it holds ("" without one)
             }
     masked = [m for m in handled if m.stage is Stage.MASKED_INPUT and m.KIND == "reply"]
     assert len(masked) == 9  # initial evaluation, train and eval collections, 3 nodes each
@@ -664,12 +665,46 @@ def test_ineligible_nodes_are_refused_with_reasons_and_too_few_fail_the_job(
     assert outcome.bundle is None and not list(tmp_path.glob("*.zip"))
     with Ledger.for_run_dir(tmp_path, create=False) as ledger:
         assert ledger.get_run(outcome.run_id).status is RunStatus.FAILED
+        recorded = ledger.refused_nodes(outcome.run_id)  # in the ledger too, not only the file
+    assert [(n.node_id, n.reason) for n in recorded] == [
+        (r["node_id"], r["reason"]) for r in refused
+    ]
     assert events.of(EventKind.JOB_FINISHED)[0].message.startswith("failed: ")
 
 
-def _iot_dirs(root: Path, rows: int = 300) -> list[Path]:
+def test_nodes_refused_by_their_policy_are_recorded_in_the_ledger_of_a_run_that_passes(
+    keys: Keys, tmp_path: Path
+) -> None:
+    # node 3 belongs to another federation: it does not trust this operator and refuses
+    stranger = provision(tmp_path / "stranger", 1, NodeType.SENSING).kits[0]
+    dirs = _iot_dirs(tmp_path, count=4)
+    nodes = keys.federation.node_configs(dirs[:3], node_type=NodeType.SENSING)
+    nodes[3] = NodeConfig(NodeType.SENSING, dirs[3], name="stranger", kit=stranger)
+    job = JobSpec.from_mapping(
+        {
+            "component": "sensing",
+            "base_model": "iot",
+            "task": "normalizer",
+            "privacy_level": "none",
+            "federation": {"num_rounds": 1, "clients_per_round": 3},
+        }
+    )
+    ids = random_node_ids(4)
+    grid = LocalGrid.with_app(make_client_app(nodes), 4, node_ids=ids)
+    outcome = run_federation(grid, job, options(tmp_path, keys))
+
+    assert outcome.status is JobStatus.PASSED, outcome.reasons
+    with Ledger.for_run_dir(tmp_path, create=False) as ledger:
+        (refused,) = ledger.refused_nodes(outcome.run_id)
+    assert refused.node_id == ids[3]
+    assert refused.reason.startswith("not eligible: the job is not signed by an operator")
+    (written,) = json.loads((tmp_path / NODES_FILE).read_text())["refused"]
+    assert (written["node_id"], written["reason"]) == (refused.node_id, refused.reason)
+
+
+def _iot_dirs(root: Path, rows: int = 300, count: int = 3) -> list[Path]:
     dirs = []
-    for index in range(3):
+    for index in range(count):
         folder = root / "nodes" / f"node-{index}"
         write_demo_dataset("iot", folder / "iot", rows, seed=10 + index)
         dirs.append(folder)
