@@ -41,8 +41,6 @@ from typing import Final, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from aggregation.ddp_accounting import RDP_ORDERS, DistributedDpEvent
 from aggregation.types import Measurements
@@ -213,6 +211,8 @@ def _event_from_json(data: object) -> PrivacyEvent:
 @functools.lru_cache(maxsize=256)
 def _gaussian_rdp(event: SubsampledGaussianEvent, orders: tuple[float, ...]) -> NDArray[np.float64]:
     """One step's RDP of the sampled Gaussian at ``orders`` (Opacus; cached)."""
+    from opacus.accountants.analysis.rdp import compute_rdp  # Opacus imports torch: on use
+
     curve = np.asarray(
         compute_rdp(
             q=event.sample_rate,
@@ -251,6 +251,8 @@ def rdp_epsilon(
     raise_problems([delta_problem("delta", as_real("delta", delta))])
     if not events:
         return 0.0
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     epsilon, _ = get_privacy_spent(orders=list(orders), rdp=rdp_curve(events, orders), delta=delta)
     return float(epsilon)
 
@@ -290,6 +292,8 @@ def compute_epsilon(
         if kind is AccountantKind.PRV:
             raise ValueError(_PRV_REFUSES)
         return rdp_epsilon(checked, delta=delta)
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     accountant = RDPAccountant() if kind is AccountantKind.RDP else PRVAccountant()
     accountant.history = _opacus_history(gaussian)
     return float(accountant.get_epsilon(delta=delta))

@@ -50,8 +50,6 @@ from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.rdp import get_privacy_spent
 from scipy import special
 
 from aggregation.ddp import DdpConfig, DistributedMechanism
@@ -66,6 +64,7 @@ from aggregation.validation import (
 )
 
 __all__ = [
+    "OPACUS_ORDERS",
     "RDP_ORDERS",
     "DistributedDpEvent",
     "calibrate_noise_multiplier",
@@ -75,8 +74,15 @@ __all__ = [
     "skellam_rdp",
 ]
 
+OPACUS_ORDERS: Final[tuple[float, ...]] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+)
+"""Opacus's ``RDPAccountant.DEFAULT_ALPHAS``, written out so that importing the accountant does
+not import Opacus (and with it torch); a test checks that they are equal."""
+
 RDP_ORDERS: Final[tuple[float, ...]] = (
-    *RDPAccountant.DEFAULT_ALPHAS,
+    *OPACUS_ORDERS,
     *(64, 80, 96, 112, 128, 160, 192, 224, 256),
 )
 """The orders over which the accountant composes mixed histories: Opacus's default orders
@@ -400,6 +406,8 @@ def calibrate_noise_multiplier(
         except ValueError:  # e.g. discrete Gaussian shares coarser than one integer unit
             return math.inf
         event = DistributedDpEvent.from_config(candidate, sample_rate=q, steps=count)
+        from opacus.accountants.analysis.rdp import get_privacy_spent  # on use: imports torch
+
         value, _ = get_privacy_spent(
             orders=list(RDP_ORDERS), rdp=event.rdp(RDP_ORDERS), delta=delta
         )

@@ -30,7 +30,6 @@ from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
-from opacus.accountants.utils import get_noise_multiplier
 
 from aggregation.accountant import (
     AccountantKind,
@@ -261,6 +260,8 @@ def calibrate_noise_multiplier(
         ]
     )
     kind = AccountantKind(accountant)
+    from opacus.accountants.utils import get_noise_multiplier  # Opacus imports torch: on use
+
     try:
         sigma = get_noise_multiplier(
             target_epsilon=eps,

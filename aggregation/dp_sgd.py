@@ -15,12 +15,9 @@ torch's PRNG unless a ``noise_generator`` is passed (tests); ``secure_mode`` is 
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
-from opacus import PrivacyEngine
-from opacus.utils.module_utils import trainable_modules
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -32,6 +29,9 @@ from aggregation.accountant import (
     positive_problem,
     raise_problems,
 )
+
+if TYPE_CHECKING:  # Opacus is imported on use: a node that runs no DP-SGD never loads it
+    from opacus import PrivacyEngine
 
 T = TypeVar("T")
 
@@ -51,6 +51,9 @@ class UnsupportedModelError(ValueError):
 
 def model_problems(model: nn.Module) -> list[str]:
     """Why Opacus cannot train ``model`` with DP-SGD, one line per offending module."""
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
     problems: list[str] = []
     if not model.training:
         problems.append("the model is in eval mode: call `model.train()` first.")
@@ -72,6 +75,8 @@ def prepare_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
     Raises :class:`UnsupportedModelError` naming every module Opacus cannot handle.
     """
     if fix:
+        from opacus.validators import ModuleValidator
+
         model = ModuleValidator.fix(model)
     problems = model_problems(model)
     if problems:
@@ -165,6 +170,8 @@ def make_private(
             problems.append(f"`epochs` must be >= 1. Found {epochs!r}.")
     raise_problems(problems)
     prepare_model(model)
+
+    from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant=AccountantKind(accountant).value)
     common = {

@@ -25,14 +25,16 @@ Conventions shared by all aggregators:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+from threadpoolctl import ThreadpoolController
 
 from aggregation.privacy import PrivacyLevel as PrivacyLevel
 from aggregation.types import Measurements, Update
@@ -41,6 +43,26 @@ try:  # scipy comes with opacus; BLAS axpy makes the weighted mean one pass per 
     from scipy.linalg.blas import saxpy as _saxpy
 except ImportError:  # pragma: no cover - scipy is a declared dependency
     _saxpy = None
+
+_BLAS_THREADS: Final = 1
+"""BLAS threads of the weighted mean's pass. Its BLAS calls are many and small (one saxpy and
+one sdot per client block of ``chunk_size`` values, from cache): OpenBLAS's threads cost more
+to wake and join than they save there, and on a busy machine (other processes, Ray workers)
+a multithreaded call waits for a core -- measured 1-39 % of memcpy speed with OpenBLAS's own
+threading against 24-104 % with one thread (benchmarks/bench_averaging.py)."""
+_controller: ThreadpoolController | None = None
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """Limit numpy's and scipy's OpenBLAS to :data:`_BLAS_THREADS` for a block of code."""
+    global _controller
+    if _controller is None:  # finds the loaded BLAS libraries: once per process
+        _controller = ThreadpoolController()
+    limited: contextlib.AbstractContextManager[object] = _controller.limit(
+        limits=_BLAS_THREADS, user_api="blas"
+    )
+    return limited
+
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -241,7 +263,8 @@ class WeightedMean:
 
     Accumulation is float32 with weights normalized to sum to 1, so every partial sum stays on
     the scale of one update (error ~ n_clients * 2^-24 relative; float64 accumulation measured
-    3x slower because of the per-block casts).
+    3x slower because of the per-block casts). The pass runs with one BLAS thread
+    (:data:`_BLAS_THREADS`).
     """
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -259,7 +282,7 @@ class WeightedMean:
         clients = list(range(len(updates)))
         while True:
             # Squares of NaN/Inf/huge values are expected here; they are handled just below.
-            with np.errstate(over="ignore", invalid="ignore"):
+            with np.errstate(over="ignore", invalid="ignore"), _one_blas_thread():
                 result, sumsq, aggregate_sumsq = self._weighted_mean_pass(updates, weights, clients)
             newly_bad: dict[int, str] = {}
             for i in clients:

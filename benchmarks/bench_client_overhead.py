@@ -39,6 +39,8 @@ from flwr.app import Message, RecordDict
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from clients.app import make_client_app
 from clients.data import load_images
 from clients.datasets import holdout_split

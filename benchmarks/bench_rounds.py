@@ -5,11 +5,15 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_rounds.py                  # Flower and fedbrain
     .venv/bin/python benchmarks/bench_rounds.py --only flower    # Flower's two rows only
     .venv/bin/python benchmarks/bench_rounds.py --quick          # N = 5, P = 1e4: a sanity run
+    .venv/bin/python benchmarks/bench_rounds.py --nodes 1000 --per-round 100 --params 1e5 \
+        --rounds 3                                                # cross-device scale
 
 Four ``flwr.simulation.run_simulation`` runs, one after the other in this process (Ray
 backend, ``client_resources.num_cpus = 1``, Ray given every core), each with N virtual nodes
 whose training is a no-op (the reply carries the received P float32 values unchanged), so
 the round time is the protocol's: messages, serialization, masking, unmasking, aggregation.
+Each round samples M of the N nodes (``--per-round``, default all): Flower's strategies with
+``fraction = M / N`` and ``min_*_nodes = M``, fedbrain with ``clients_per_round = M``.
 
 1. **Flower SecAgg+**: the legacy path, a ServerApp running ``DefaultWorkflow(fit_workflow=
    SecAggPlusWorkflow(...))`` on a ``LegacyContext`` with the legacy ``FedAvg``; a ClientApp
@@ -38,6 +42,10 @@ checkpoint, if the job has them). Flower's runs do not evaluate. Round 1 carries
 warm-up (imports, first ClientApp construction), so the mean is over rounds 2..R. Each
 row also reports max |aggregate - input| (no-op training averages to the input).
 "total" is the wall time of the whole ``run_simulation`` call (Ray start and stop included).
+"before round 1" is the time from the ServerApp's start to its first round: for fedbrain the
+node discovery (every node's ``query.node_info``) and the run's setup, for Flower the
+strategy's start. "peak RSS" is the largest sum of the resident memory of this process and all
+its descendants (Ray's GCS, raylet and workers), sampled every 0.25 s.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -90,6 +99,8 @@ class RunTiming:
     stage_seconds: dict[str, list[float]] = field(default_factory=dict)
     total_seconds: float = 0.0
     max_error: float = math.nan  # max |aggregate - input|: no-op training averages to the input
+    before_first_round: float = math.nan  # ServerApp start -> first round (fedbrain: discovery)
+    peak_rss_gib: float = math.nan  # this process and its descendants
     error: str = ""
 
     def stage_means(self) -> str:
@@ -111,6 +122,54 @@ class RunTiming:
 _ROUND_SECONDS: list[float] = []
 _STAGE_SECONDS: dict[str, list[float]] = {}
 _MAX_ERROR: list[float] = []
+_MAIN_STARTED: list[float] = []
+_FIRST_ROUND: list[float] = []
+
+
+class PeakMemory:
+    """Samples the summed RSS of this process and its descendants every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil  # type: ignore[import-untyped]
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self._process, *self._process.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2**30
+
+
+def mark_first_round() -> None:
+    if not _FIRST_ROUND:
+        _FIRST_ROUND.append(time.perf_counter())
 
 
 def neighbours_and_threshold(n: int) -> tuple[int, int]:
@@ -188,9 +247,11 @@ def simulate(
     _ROUND_SECONDS.clear()
     _STAGE_SECONDS.clear()
     _MAX_ERROR.clear()
+    _MAIN_STARTED.clear()
+    _FIRST_ROUND.clear()
     start = time.perf_counter()
     try:
-        with quiet(verbose):
+        with quiet(verbose), PeakMemory() as memory:
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -201,6 +262,9 @@ def simulate(
     except Exception as error:  # report and go on with the other runs
         timing.error = f"{type(error).__name__}: {error}"
     timing.total_seconds = time.perf_counter() - start
+    timing.peak_rss_gib = memory.gib
+    if _MAIN_STARTED and _FIRST_ROUND:
+        timing.before_first_round = _FIRST_ROUND[0] - _MAIN_STARTED[0]
     timing.round_seconds = list(_ROUND_SECONDS)
     timing.stage_seconds = {stage: list(s) for stage, s in _STAGE_SECONDS.items()}
     timing.max_error = _MAX_ERROR[-1] if _MAX_ERROR else timing.max_error
@@ -210,7 +274,7 @@ def simulate(
 
 
 # -- (1) Flower SecAgg+ (legacy path) ----------------------------------------------------------
-def flower_secagg_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
+def flower_secagg_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunTiming:
     from flwr.app import Context
     from flwr.client import Client, NumPyClient
     from flwr.client.mod import secaggplus_mod
@@ -223,7 +287,7 @@ def flower_secagg_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
     from flwr.serverapp import Grid, ServerApp
 
-    k, t = neighbours_and_threshold(n)
+    k, t = neighbours_and_threshold(m)
 
     class NoOpClient(NumPyClient):
         def fit(
@@ -264,6 +328,7 @@ def flower_secagg_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
     def timed_fit(grid: Grid, context: Context) -> None:
         before = context.state.array_records[MAIN_PARAMS_RECORD]
         start = time.perf_counter()
+        mark_first_round()
         secagg(grid, context)
         seconds = time.perf_counter() - start
         # The workflow replaces the parameters record only when it aggregated; a halted
@@ -275,10 +340,11 @@ def flower_secagg_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _MAIN_STARTED.append(time.perf_counter())
         strategy = LegacyFedAvg(
-            fraction_fit=1.0,
+            fraction_fit=m / n,
             fraction_evaluate=0.0,
-            min_fit_clients=n,
+            min_fit_clients=m,
             min_available_clients=n,
             initial_parameters=ndarrays_to_parameters([initial_vector(p)]),
         )
@@ -294,7 +360,7 @@ def flower_secagg_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
 
 
 # -- (2) Flower plain FedAvg (Message API) -----------------------------------------------------
-def flower_plain_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
+def flower_plain_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunTiming:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -316,6 +382,7 @@ def flower_plain_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> list[Message]:
             self._start = time.perf_counter()
+            mark_first_round()
             return list(super().configure_train(server_round, arrays, config, grid))
 
         def aggregate_train(
@@ -330,10 +397,11 @@ def flower_plain_run(n: int, p: int, rounds: int, verbose: bool) -> RunTiming:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _MAIN_STARTED.append(time.perf_counter())
         strategy = TimedFedAvg(
-            fraction_train=1.0,
+            fraction_train=m / n,
             fraction_evaluate=0.0,
-            min_train_nodes=n,
+            min_train_nodes=m,
             min_available_nodes=n,
         )
         result = strategy.start(
@@ -390,7 +458,7 @@ def _parameter_count(job: JobSpec) -> int:
 
 
 def fedbrain_job(*, secure: bool, n: int, p: int, rounds: int) -> JobSpec:
-    """The job: N clients per round (all of them), ``privacy_level`` ``secure-agg`` with the
+    """The job: ``n`` clients per round, ``privacy_level`` ``secure-agg`` with the
     same k and t as Flower's run, or ``none``; a byte-level GPT-2 (gpt-small-v1, 2 layers)
     whose hidden size is chosen so the model has the multiple of 2 heads closest to P values.
     fedbrain always evaluates (the no-op nodes answer at once); checkpoints are off."""
@@ -420,32 +488,38 @@ def fedbrain_job(*, secure: bool, n: int, p: int, rounds: int) -> JobSpec:
 
 
 def fedbrain_run(
-    *, secure: bool, n: int, p: int, rounds: int, workdir: Path, verbose: bool
+    *, secure: bool, n: int, m: int, p: int, rounds: int, workdir: Path, verbose: bool
 ) -> RunTiming:
     """fedbrain's secure-agg (``secure``) or plain round with no-op training.
 
-    Raises :class:`FedbrainUnavailableError` while ``server.app.make_server_app``,
-    ``clients.app.make_client_app`` or the no-op training hook are missing. A round is timed
+    Raises :class:`FedbrainUnavailableError` while ``clients.app.make_client_app`` or the
+    no-op training hook are missing. The ServerApp runs ``server.federator.run_federation``
+    as ``server.app.make_server_app`` does, its start timed. A round is timed
     from the federator's ``ROUND_STARTED`` to its ``ROUND_FINISHED`` progress event (which
     includes its evaluation and checkpoint, if the job has them); stages from the ``STAGE``
     events' own ``seconds``.
     """
     try:
         from clients.app import make_client_app
-        from server.app import make_server_app
     except ImportError as error:
         raise FedbrainUnavailableError(str(error)) from error
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from server.federator import run_federation
     from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent
 
     nodes, federation = fedbrain_noop_nodes(n, p, workdir)
-    job = fedbrain_job(secure=secure, n=n, p=p, rounds=rounds)
+    job = fedbrain_job(secure=secure, n=m, p=p, rounds=rounds)
     run_dir = workdir / ("secure" if secure else "plain")
     options = federation.run_options(run_dir, seed=0, min_nodes=n)
     started: dict[int, float] = {}
 
     def progress(event: ProgressEvent) -> None:
         now = time.perf_counter()
-        if event.kind == EventKind.ROUND_STARTED:
+        if event.kind == EventKind.JOB_STARTED:
+            mark_first_round()  # discovery and setup are done
+        elif event.kind == EventKind.ROUND_STARTED:
             started[event.server_round] = now
         elif event.kind == EventKind.STAGE and "seconds" in event.metrics:
             _STAGE_SECONDS.setdefault(event.stage, []).append(event.metrics["seconds"])
@@ -453,9 +527,15 @@ def fedbrain_run(
             _ROUND_SECONDS.append(now - started.pop(event.server_round))
 
     outcomes: list[JobOutcome] = []
-    server_app = make_server_app(job, options, progress=progress, outcomes=outcomes)
+    server_app = ServerApp()  # what make_server_app builds, with the start of main() timed
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _MAIN_STARTED.append(time.perf_counter())
+        outcomes.append(run_federation(grid, job, options, progress=progress))
+
     client_app = make_client_app(nodes)
-    k, t = neighbours_and_threshold(n)
+    k, t = neighbours_and_threshold(m)
     label = f"fedbrain SecAgg+ (k = {k}, t = {t})" if secure else "fedbrain plain (no SecAgg)"
     timing = simulate(
         RunTiming(label, "fedbrain", secure), server_app, client_app, n, rounds, verbose
@@ -497,9 +577,10 @@ def print_table(runs: list[RunTiming]) -> None:
     print(
         "| implementation | rounds | mean round 2..R (s) | per round (s) "
         "| total run_simulation (s) | vs same framework's plain round "
-        "| fedbrain / Flower SecAgg+ | max abs(aggregate - input) |"
+        "| fedbrain / Flower SecAgg+ | before round 1 (s) | peak RSS (GiB) "
+        "| max abs(aggregate - input) |"
     )
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     plain = {r.family: r.steady_seconds for r in runs if not r.secure and not r.error}
     flower_secure = next(
         (r.steady_seconds for r in runs if r.family == "Flower" and r.secure and not r.error),
@@ -507,7 +588,7 @@ def print_table(runs: list[RunTiming]) -> None:
     )
     for r in runs:
         if r.error:
-            print(f"| {r.label} | | | error: {r.error} | {r.total_seconds:.1f} | | | |")
+            print(f"| {r.label} | | | error: {r.error} | {r.total_seconds:.1f} | | | | | |")
             continue
         per = ", ".join(f"{s:.2f}" for s in r.round_seconds)
         vs_plain = f"{r.steady_seconds / plain[r.family]:.2f}x" if r.family in plain else ""
@@ -518,7 +599,8 @@ def print_table(runs: list[RunTiming]) -> None:
         )
         print(
             f"| {r.label} | {len(r.round_seconds)} | {r.steady_seconds:.3f} | {per} | "
-            f"{r.total_seconds:.1f} | {vs_plain} | {vs_flower} | {r.max_error:.1e} |"
+            f"{r.total_seconds:.1f} | {vs_plain} | {vs_flower} | {r.before_first_round:.1f} | "
+            f"{r.peak_rss_gib:.2f} | {r.max_error:.1e} |"
         )
     for r in runs:
         if r.stage_seconds and not r.error:
@@ -528,7 +610,8 @@ def print_table(runs: list[RunTiming]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("all", "flower", "fedbrain"), default="all")
-    parser.add_argument("--nodes", type=int, default=20, help="N, virtual nodes (all sampled)")
+    parser.add_argument("--nodes", type=int, default=20, help="N, virtual nodes")
+    parser.add_argument("--per-round", type=int, default=None, help="M, nodes per round (N)")
     parser.add_argument("--params", type=float, default=1e6, help="P, float32 values")
     parser.add_argument("--rounds", type=int, default=4, help="R; the mean is over 2..R")
     parser.add_argument("--quick", action="store_true", help="N = 5, P = 1e4, 2 rounds")
@@ -537,7 +620,8 @@ def main() -> None:
     n, p, rounds = args.nodes, int(args.params), args.rounds
     if args.quick:
         n, p, rounds = 5, 10_000, 2
-    k, t = neighbours_and_threshold(n)
+    m = min(args.per_round or n, n)
+    k, t = neighbours_and_threshold(m)
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -547,7 +631,8 @@ def main() -> None:
     print(f"Command: `{command_line()}`\n")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.machine()}; {versions()}\n")
     print(
-        f"N = {n} nodes, P = {p:.0e} float32 values, R = {rounds} rounds, k = {k}, t = {t} "
+        f"N = {n} nodes, M = {m} per round, P = {p:.0e} float32 values, R = {rounds} rounds, "
+        f"k = {k}, t = {t} "
         f"(Flower num_shares = {k + 1}); Ray: client_resources num_cpus = 1, "
         f"{os.cpu_count()} CPUs\n",
         flush=True,
@@ -556,8 +641,8 @@ def main() -> None:
     load_before = os.getloadavg()
     runs: list[RunTiming] = []
     if args.only in ("all", "flower"):
-        runs.append(flower_plain_run(n, p, rounds, args.verbose))
-        runs.append(flower_secagg_run(n, p, rounds, args.verbose))
+        runs.append(flower_plain_run(n, m, p, rounds, args.verbose))
+        runs.append(flower_secagg_run(n, m, p, rounds, args.verbose))
     if args.only in ("all", "fedbrain"):
         with tempfile.TemporaryDirectory(prefix="bench_rounds_") as tmp:
             try:
@@ -566,6 +651,7 @@ def main() -> None:
                         fedbrain_run(
                             secure=secure,
                             n=n,
+                            m=m,
                             p=p,
                             rounds=rounds,
                             workdir=Path(tmp),

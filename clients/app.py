@@ -19,16 +19,21 @@ the session records as they were; DP-SGD steps are recorded even when a later st
 message fails.
 
 Simulation: ``context.node_config`` only holds ``partition-id``; :func:`make_client_app` gets
-the :class:`~clients.node.NodeConfig` per partition. Deployment (``flwr run`` loads
-``clients.app:app``): each SuperNode's ``node_config`` holds ``node-type``, ``data-dir``,
-optional ``name`` and ``fail-on``.
+the :class:`~clients.node.NodeConfig` per partition. Flower's Ray backend pickles the ClientApp
+with every message it sends to an actor, so the simulation's app pickles as a reference: the
+node table's digest and its pickled bytes, made once; an actor decodes a table once and keeps
+the app it built for it. Deployment (``flwr run`` loads ``clients.app:app``): each SuperNode's
+``node_config`` holds ``node-type``, ``data-dir``, optional ``name`` and ``fail-on``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable, Mapping
-from typing import Final, cast
+import pickle
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Final, TypeAlias, cast
 
 from flwr.app import (
     ConfigRecord,
@@ -46,10 +51,20 @@ from aggregation.accountant import SubsampledGaussianEvent
 from aggregation.secagg import Stage, message_from_record
 from clients import protocol
 from clients.config import NodeConfig
-from clients.node import Node, NodeState, Weights
 from clients.protocol import RoundConfig
 
-__all__ = ["STATE_DP", "STATE_SECAGG", "STATE_SECAGG_ROUND", "app", "make_client_app"]
+if TYPE_CHECKING:  # clients.node imports torch and the models: on the first message
+    from clients.node import Node, NodeState, Weights
+
+__all__ = [
+    "PARTITION",
+    "PARTITION_KEY",
+    "STATE_DP",
+    "STATE_SECAGG",
+    "STATE_SECAGG_ROUND",
+    "app",
+    "make_client_app",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -57,8 +72,13 @@ STATE_SECAGG: Final = "fedbrain.secagg"
 STATE_SECAGG_ROUND: Final = "fedbrain.secagg_round"
 STATE_DP: Final = "fedbrain.dp_sgd"
 _EMPTY: Final = "__empty_lists__"
+PARTITION: Final = "query.partition"
+"""Simulation only: which node of the scenario a Flower node is. The reply's ConfigRecord
+:data:`PARTITION_KEY` holds the node's ``partition-id`` (the simulation runner gives each job
+the nodes of its node type)."""
+PARTITION_KEY: Final = "partition-id"
 
-_Work = Callable[[Node, Message, NodeState], RecordDict]
+_Work: TypeAlias = "Callable[[Node, Message, NodeState], RecordDict]"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -138,6 +158,8 @@ def _decode_session(record: ConfigRecord) -> dict[str, object]:
 
 
 def _load_state(store: RecordDict) -> NodeState:
+    from clients.node import NodeState
+
     state = NodeState()
     session = store.config_records.get(STATE_SECAGG)
     if session is not None:
@@ -250,7 +272,7 @@ def _secagg(category: str, stage: Stage) -> _Work:
 def _node_config(context: Context, nodes: Mapping[int, NodeConfig] | None) -> NodeConfig:
     if nodes is None:
         return NodeConfig.from_flower(context.node_config)
-    partition = context.node_config.get("partition-id")
+    partition = context.node_config.get(PARTITION_KEY)
     if not isinstance(partition, int) or isinstance(partition, bool):
         raise ValueError(
             "This ClientApp maps simulation partitions to nodes, but the context has no integer "
@@ -271,6 +293,8 @@ def _serve(
     try:
         if not message.has_content():
             raise ValueError("The message carries no content.")
+        from clients.node import Node
+
         node = Node(_node_config(context, nodes), node_id=context.node_id)
         state = _load_state(context.state)
         try:
@@ -292,14 +316,100 @@ def _serve(
         )
 
 
+class _NodeTable(Mapping[int, NodeConfig]):
+    """The simulation's partition -> node table; pickles as its digest and its pickled bytes
+    (made once), and a process that has decoded a digest before reuses that table."""
+
+    def __init__(self, nodes: Mapping[int, NodeConfig], payload: bytes | None = None) -> None:
+        self._nodes = dict(nodes)
+        if payload is None:
+            payload = pickle.dumps(self._nodes, protocol=pickle.HIGHEST_PROTOCOL)
+        self.payload = payload
+        self.digest = hashlib.sha256(payload).hexdigest()
+
+    def __getitem__(self, partition: int) -> NodeConfig:
+        return self._nodes[partition]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __reduce__(self) -> tuple[Callable[[str, bytes], _NodeTable], tuple[str, bytes]]:
+        return _decoded_table, (self.digest, self.payload)
+
+
+_DECODED_LOCK: Final = threading.Lock()
+_TABLES: dict[str, _NodeTable] = {}
+_APPS: dict[str, ClientApp] = {}
+
+
+def _decoded_table(digest: str, payload: bytes) -> _NodeTable:
+    with _DECODED_LOCK:
+        table = _TABLES.get(digest)
+    if table is None:
+        # Ray unpickles every message it delivers; these bytes come the same way.
+        nodes = pickle.loads(payload)  # noqa: S301
+        table = _NodeTable(nodes, payload)
+        if table.digest != digest:
+            raise ValueError("The node table does not match its digest.")
+        with _DECODED_LOCK:
+            table = _TABLES.setdefault(digest, table)
+    return table
+
+
+class _SimulationApp(ClientApp):
+    """The simulation's ClientApp: pickles as its node table (see the module docstring) and
+    answers :data:`PARTITION`."""
+
+    def __init__(self, table: _NodeTable) -> None:
+        super().__init__()
+        self.table = table
+        self.query(PARTITION.split(".", 1)[1])(_partition)
+
+    def __reduce__(self) -> tuple[Callable[[_NodeTable], ClientApp], tuple[_NodeTable]]:
+        return _app_for_table, (self.table,)
+
+
+def _partition(message: Message, context: Context) -> Message:
+    partition = context.node_config.get(PARTITION_KEY)
+    if not isinstance(partition, int) or isinstance(partition, bool):
+        return Message(
+            Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                reason=f"this node has no integer `{PARTITION_KEY}` in its node config",
+            ),
+            reply_to=message,
+        )
+    record = ConfigRecord({PARTITION_KEY: partition})
+    return Message(RecordDict({PARTITION_KEY: record}), reply_to=message)
+
+
+def _app_for_table(table: _NodeTable) -> ClientApp:
+    with _DECODED_LOCK:
+        app = _APPS.get(table.digest)
+    if app is None:
+        app = _register(_SimulationApp(table), table)
+        with _DECODED_LOCK:
+            app = _APPS.setdefault(table.digest, app)
+    return app
+
+
 def make_client_app(nodes: Mapping[int, NodeConfig] | None = None) -> ClientApp:
     """The fedbrain ClientApp.
 
     ``nodes``: in simulation, the node of each ``partition-id``; ``None`` (deployment) reads
     the node from each SuperNode's ``node_config`` (:meth:`NodeConfig.from_flower`).
     """
-    table = dict(nodes) if nodes is not None else None
-    client_app = ClientApp()
+    if nodes is None:
+        return _register(ClientApp(), None)
+    table = _NodeTable(nodes)
+    return _register(_SimulationApp(table), table)
+
+
+def _register(client_app: ClientApp, table: Mapping[int, NodeConfig] | None) -> ClientApp:
+    """``client_app`` with fedbrain's handlers registered."""
     decorators = {
         "query": client_app.query,
         "train": client_app.train,

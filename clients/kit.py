@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,7 +46,9 @@ from manifests.signed_job import (
 __all__ = ["AdmittedJob", "JobRefusedError", "NodeKit", "load_kit"]
 
 _CACHE_LOCK: Final = threading.Lock()
-_KITS: dict[Path, tuple[float, NodeKit]] = {}
+_Stamp = tuple[tuple[str, int, int], ...]
+_KITS: dict[Path, tuple[_Stamp, NodeKit]] = {}
+_RESOLVED: dict[Path, Path] = {}
 
 
 class JobRefusedError(ValueError):
@@ -166,17 +169,33 @@ def _still_valid(signed: SignedJob) -> bool:
     return signed.not_after is None or datetime.now(UTC) <= signed.not_after
 
 
+def _resolved(folder: Path) -> Path:
+    """``folder`` made absolute, resolved once per process (a node reads its kit for every
+    message)."""
+    given = Path(folder)
+    known = _RESOLVED.get(given)
+    if known is None:
+        known = _RESOLVED[given] = given.expanduser().resolve()
+    return known
+
+
+def _stamp(folder: Path) -> _Stamp:
+    """Name, size and modification time of every file in the kit folder: one ``scandir`` (the
+    node checks its kit for changes at every message, so that a new policy applies at once)."""
+    with os.scandir(folder) as entries:
+        files = [entry for entry in entries if entry.is_file()]
+        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
 def load_kit(folder: Path) -> NodeKit:
-    """The kit in ``folder`` (cached per process; reloaded when a file in it changes).
+    """The kit in ``folder`` (cached per process; reloaded when a file in it changes: added,
+    removed, or written with another size or modification time).
 
     Raises :class:`clients.credentials.CredentialsError` or
     :class:`clients.policy.PolicyError` naming the file and the problem.
     """
-    folder = Path(folder).expanduser().resolve()
-    stamp = max(
-        (p.stat().st_mtime for p in folder.iterdir() if p.is_file()),
-        default=0.0,
-    )
+    folder = _resolved(folder)
+    stamp = _stamp(folder)
     with _CACHE_LOCK:
         cached = _KITS.get(folder)
         if cached is not None and cached[0] == stamp:

@@ -9,10 +9,12 @@ keeps in Flower's ``Context.state``.
 
 Every collection is one :func:`Node.contribution` (:class:`aggregation.codec.Contribution`):
 
-- ``fit``: set the global weights, train ``job.epochs`` epochs (example-level DP: Opacus
-  DP-SGD with a noise multiplier this node calibrates from its own example count,
-  :func:`clients.jobs.dp_sgd_noise_multiplier`), clip the update ``local - global`` to the
-  job's update bound; metrics: counts (and, without DP, the training loss);
+- ``fit``: set the global weights (the job's trainable tensors, on the base checkpoint the
+  node holds), train ``job.epochs`` epochs (example-level DP: Opacus DP-SGD with a noise
+  multiplier this node calibrates from its own example count,
+  :func:`clients.jobs.dp_sgd_noise_multiplier`), clip the update ``local - global`` of the
+  trainable tensors to the job's update bound; metrics: counts (and, without DP, the
+  training loss);
 - ``evaluate``: per held-out example, the global model's loss and correctness (the trained
   classifier's top-1, or an LM's next-byte accuracy and a public unigram baseline), clipped
   to the job's bounds (node-level DP: this node's means, one row);
@@ -41,7 +43,6 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 
 from aggregation.accountant import SubsampledGaussianEvent
@@ -60,6 +61,8 @@ from aggregation.secagg import (
     SecAggRefusedError,
 )
 from clients import protocol
+from clients.adaptation import get_trainable_weights, set_trainable_weights, trainable_names
+from clients.checkpoints import check_checkpoint, checkpoint_digest
 from clients.config import FaultInjectedError, NodeConfig
 from clients.data import DataError, EmptyDataError
 from clients.datasets import (
@@ -89,13 +92,8 @@ from clients.jobs import (
     workload_for_job,
 )
 from clients.kit import AdmittedJob, JobRefusedError, NodeKit, load_kit
-from clients.models import (
-    build_model,
-    get_weights,
-    model_fingerprint,
-    set_weights,
-    weight_names,
-)
+from clients.model_cache import cached_model, check_builds, fingerprint
+from clients.models import build_model, model_config
 from clients.protocol import NodeInfo, RoundConfig, Work
 from clients.training import EmbedLoss, evaluation_rows, make_optimizer, train_local
 from manifests.catalog import Task
@@ -245,11 +243,14 @@ class Node:
             except (DataError, OSError) as error:
                 return refuse(f"the node's {modality} data cannot be used: {error}")
             return NodeInfo(node_type=node_type, eligible=True, identity_key=identity)
+        base_digest = ""
         try:
             spec = model_spec_for_job(job)
-            with torch.device("meta"):
-                build_model(spec)
-        except (ValueError, TypeError, RuntimeError) as error:
+            if spec.base_folder is not None:  # the base this node holds at the job's path
+                check_checkpoint(spec.base_folder, model_config(spec))
+                base_digest = checkpoint_digest(spec.base_folder)
+            check_builds(spec)
+        except (ValueError, TypeError, RuntimeError, OSError) as error:
             return refuse(f"the job's model does not build: {error}")
         try:
             data = model_data(job, spec, self.config.data_dir)
@@ -268,8 +269,9 @@ class Node:
         return NodeInfo(
             node_type=node_type,
             eligible=True,
-            model_fingerprint=model_fingerprint(spec),
+            model_fingerprint=fingerprint(spec),
             identity_key=identity,
+            base_digest=base_digest,
         )
 
     # -- the work of one collection -----------------------------------------------------
@@ -306,8 +308,9 @@ class Node:
         privacy = job_privacy(job)
         spec = model_spec_for_job(job)
         data = model_data(job, spec, self.config.data_dir)
-        model = build_model(spec)
-        _, global_arrays = _check_weights(weight_names(model), weights)
+        # Opacus hooks a DP-SGD model's modules: that one is built for this message alone.
+        model = build_model(spec) if privacy.uses_dp_sgd else cached_model(spec)
+        _, global_arrays = _check_weights(trainable_names(model), weights)
         length = sum(int(a.size) for a in global_arrays)
         specs = metrics_for(job, Work.FIT)
         if self.config.noop_training or not self._included(job):
@@ -315,7 +318,7 @@ class Node:
                 update=np.zeros(length, dtype=np.float32),
                 metric_rows=np.zeros((0, len(specs))),
             )
-        set_weights(model, global_arrays)
+        set_trainable_weights(model, global_arrays)
         n = len(data.train)
         if n == 0:
             raise EmptyDataError(self.config.data_dir, f"{modality_for_job(job)} training examples")
@@ -350,7 +353,7 @@ class Node:
         delta = np.concatenate(
             [
                 (local - glob).astype(np.float32).ravel()
-                for local, glob in zip(get_weights(model), global_arrays, strict=True)
+                for local, glob in zip(get_trainable_weights(model), global_arrays, strict=True)
             ]
         )
         clipped = False
@@ -406,6 +409,8 @@ class Node:
             noise_generator=torch.Generator().manual_seed(_secret_seed()),
         )
         sampler = private.data_loader.batch_sampler
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
         if not isinstance(sampler, UniformWithReplacementSampler):
             raise RuntimeError("Opacus did not build a Poisson sampler; refusing to train.")
         # One pass of `steps` Poisson batches at rate 1 / len(loader) (the accounted rate).
@@ -415,8 +420,8 @@ class Node:
     def _evaluate(self, job: JobSpec, rnd: RoundConfig, weights: Weights | None) -> Contribution:
         spec = model_spec_for_job(job)
         data = model_data(job, spec, self.config.data_dir)
-        model = build_model(spec)
-        set_weights(model, _check_weights(weight_names(model), weights)[1])
+        model = cached_model(spec)
+        set_trainable_weights(model, _check_weights(trainable_names(model), weights)[1])
         specs = metrics_for(job, Work.EVALUATE)
         if self.config.noop_training:
             return Contribution(metric_rows=np.zeros((0, len(specs))))

@@ -55,5 +55,6 @@ def provision_scenario(
         federation=f"simulation-{scenario.name}",
         policy=policy,
         reset_state=not resume,
+        link_roster=True,
     )
     return SimulatedFederation(done.roster, done.kits, open_policy=policy is not None)

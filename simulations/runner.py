@@ -1,4 +1,4 @@
-"""Run a scenario on Flower's Simulation Engine: node data, keys, one Flower run per job.
+"""Run a scenario on Flower's Simulation Engine: node data, keys, every job on one engine.
 
 Output folder layout (``<out>``, from the scenario or ``--out``):
 
@@ -7,14 +7,20 @@ Output folder layout (``<out>``, from the scenario or ``--out``):
   :mod:`simulations.scenario`); ``data/scenario-data.json`` records the hash of everything the
   data depend on, and data with the same hash are reused;
 - ``keys/`` -- the signing key and the trusted-keys file (reused when present and valid);
-- ``runs/<artifact_name>/`` -- one run folder per job (ledger, checkpoints, bundle);
-- ``summary.json`` -- the outcome of every job, machine-readable.
+- ``runs/<artifact_name>/`` -- one run folder per job (checkpoints, nodes.json, bundle);
+- ``ledger.sqlite`` -- the run ledger every job writes (unless ``database_url`` names another);
+- ``summary.json`` -- the outcome of every job, machine-readable;
+- ``.fedbrain-simulate.lock`` -- held while a run uses the folder: one run at a time.
 
-Each job is one ``flwr.simulation.run_simulation`` call with only the nodes of the job's node
-type as SuperNodes (partition id ``k`` = the ``k``-th such node), ``cpus_per_node`` CPUs per
-ClientApp and ``num_cpus`` (default: every CPU) for Ray, so ClientApps train in parallel. The
-ServerApp runs in a thread of this process; its progress events drive the display directly.
-Each bundle is verified against the generated trusted-keys file.
+Paths recorded in the folder are relative to it, so a moved folder still resumes
+(:mod:`simulations.outfolder`).
+
+One ``flwr.simulation.run_simulation`` call runs every job (:mod:`simulations.engine`): every
+node of the scenario is a SuperNode (partition id ``i`` = the ``i``-th node), each job sees only
+the nodes of its node type, ``cpus_per_node`` CPUs per ClientApp and ``num_cpus`` (default:
+every CPU) for Ray, so ClientApps train in parallel; Ray starts once and its ClientApp actors
+import fedbrain once. The ServerApp runs in a thread of this process; its progress events drive
+the display directly. Each bundle is verified against the generated trusted-keys file.
 """
 
 from __future__ import annotations
@@ -23,13 +29,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -44,8 +47,20 @@ from clients.partition import dirichlet_partition
 from manifests.demo import write_keys
 from manifests.keys import KeyVerificationError, SigningKey, TrustedKeys
 from manifests.verify import BundleVerificationError, verify_bundle
+from server.ledger import Ledger
 from server.options import JobOutcome, JobStatus, ProgressEvent, RunOptions
 from simulations.federation import SimulatedFederation, provision_scenario
+from simulations.outfolder import (
+    RUN_MARKER,
+    default_ledger_url,
+    in_folder,
+    locked_output_folder,
+    new_run_id,
+    outcome_json,
+    previous_outcomes,
+    resumable_run_id,
+    write_run_marker,
+)
 from simulations.scenario import (
     NodeGroup,
     PartitionKind,
@@ -54,9 +69,10 @@ from simulations.scenario import (
 )
 
 if TYPE_CHECKING:
-    from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig
+    from flwr.serverapp import Grid
 
     from clients.config import NodeConfig
+    from simulations.engine import JobGrids
 
 __all__ = [
     "DATA_MARKER",
@@ -65,10 +81,8 @@ __all__ = [
     "KeyFiles",
     "SimulationResult",
     "Verification",
-    "backend_config",
     "files_digest",
     "materialize_data",
-    "outcome_from_json",
     "prepare_keys",
     "run_job",
     "run_scenario",
@@ -77,7 +91,6 @@ __all__ = [
 ]
 
 DATA_MARKER: Final = "scenario-data.json"
-RUN_MARKER: Final = ".fedbrain-simulate"
 _LABELLED: Final = frozenset({Modality.VISION, Modality.AUDIO, Modality.TEXT})
 _IOT_ROWS_PER_FILE: Final = 256
 _KEY_VALIDITY: Final = timedelta(days=365)
@@ -416,17 +429,16 @@ class SimulationResult:
             "source": self.scenario.source,
             "seed": self.scenario.seed,
             "data_hash": self.scenario.data_hash(),
-            "out": str(self.out),
-            "trusted_keys": str(self.keys.trusted_keys),
+            "trusted_keys": in_folder(self.keys.trusted_keys, self.out),
             "keyid": self.keys.keyid,
             "started_at": self.started_at.isoformat(timespec="seconds"),
             "seconds": round(self.seconds, 3),
             "exit_code": self.exit_code,
-            "jobs": [_result_json(r) for r in self.results],
+            "jobs": [_result_json(r, self.out) for r in self.results],
         }
 
 
-def _result_json(result: JobResult) -> dict[str, object]:
+def _result_json(result: JobResult, out: Path) -> dict[str, object]:
     outcome = result.outcome
     job = result.job
     entry: dict[str, object] = {
@@ -442,53 +454,8 @@ def _result_json(result: JobResult) -> dict[str, object]:
         "seconds": round(result.seconds, 3),
     }
     if outcome is not None:
-        entry.update(
-            {
-                "run_id": outcome.run_id,
-                "rounds_completed": outcome.rounds_completed,
-                "reliability": outcome.reliability,
-                "reasons": list(outcome.reasons),
-                "dp_unit": outcome.dp_unit,
-                "epsilon": outcome.epsilon,
-                "delta": outcome.delta,
-                "bundle": None if outcome.bundle is None else str(outcome.bundle),
-                "manifest": None if outcome.manifest is None else str(outcome.manifest),
-                "ledger_url": outcome.ledger_url,
-                "metrics": dict(outcome.metrics),
-            }
-        )
+        entry.update(outcome_json(outcome, out))
     return entry
-
-
-def outcome_from_json(entry: Mapping[str, object]) -> JobOutcome | None:
-    """A PASSED outcome recorded in a previous ``summary.json`` (for ``--resume``), else None."""
-    if entry.get("status") != JobStatus.PASSED.value or not isinstance(entry.get("bundle"), str):
-        return None
-    try:
-        reliability = entry.get("reliability")
-        epsilon, delta = entry.get("epsilon"), entry.get("delta")
-        rounds = entry.get("rounds_completed")
-        metrics = entry.get("metrics", {})
-        reasons = entry.get("reasons", [])
-        return JobOutcome(
-            run_id=str(entry.get("run_id", "")),
-            artifact_name=str(entry["artifact_name"]),
-            status=JobStatus.PASSED,
-            rounds_completed=int(rounds) if isinstance(rounds, int) else 0,
-            reliability=float(reliability) if isinstance(reliability, int | float) else None,
-            reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list) else (),
-            dp_unit=str(entry["dp_unit"]) if entry.get("dp_unit") else None,
-            epsilon=float(epsilon) if isinstance(epsilon, int | float) else None,
-            delta=float(delta) if isinstance(delta, int | float) else None,
-            bundle=Path(str(entry["bundle"])),
-            manifest=Path(str(entry["manifest"])) if entry.get("manifest") else None,
-            ledger_url=str(entry.get("ledger_url", "")),
-            metrics=(
-                {str(k): float(v) for k, v in metrics.items()} if isinstance(metrics, dict) else {}
-            ),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def verify(result: JobResult, keys: KeyFiles) -> None:
@@ -520,79 +487,22 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 def node_configs(
-    scenario: Scenario,
-    job: ScenarioJob,
-    dirs: Mapping[int, Path],
-    kits: Mapping[str, Path] | None = None,
+    scenario: Scenario, dirs: Mapping[int, Path], kits: Mapping[str, Path] | None = None
 ) -> dict[int, NodeConfig]:
-    """Partition id -> ``clients.config.NodeConfig`` for the job's node type (each with its
-    kit, by node name, when ``kits`` is given)."""
+    """Partition id (the node's index in the scenario) -> ``clients.config.NodeConfig`` of
+    every node of the scenario (each with its kit, by node name, when ``kits`` is given)."""
     from clients.config import Fault, NodeConfig
 
-    configs: dict[int, NodeConfig] = {}
-    for pid, node in enumerate(scenario.nodes_of(job.node_type)):
-        configs[pid] = NodeConfig(
+    return {
+        node.index: NodeConfig(
             node_type=node.node_type,
             data_dir=dirs[node.index],
             name=node.name,
             faults=tuple(Fault.parse(f) for f in node.faults),
             kit=None if kits is None else kits[node.name],
         )
-    return configs
-
-
-def backend_config(scenario: Scenario) -> BackendConfig:
-    """Ray backend settings: every CPU for Ray, ``cpus_per_node`` per ClientApp, quiet logs."""
-    settings = scenario.settings
-    return {
-        "client_resources": {"num_cpus": settings.cpus_per_node, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": settings.num_cpus or os.cpu_count() or 1,
-            "num_gpus": 0,
-            "logging_level": "ERROR",
-            "log_to_driver": False,
-        },
+        for node in scenario.nodes
     }
-
-
-class _QuietFlower(logging.Filter):
-    """Drop Flower's deprecation notice for ``run_simulation`` (we call it on purpose)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()
-
-
-@contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """Keep the console readable: Flower at WARNING (minus the deprecation), no Ray tips."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    flwr_logger = logging.getLogger("flwr")
-    flt = _QuietFlower()
-    handlers = [h for h in flwr_logger.handlers if isinstance(h, logging.StreamHandler)]
-    levels = [h.level for h in handlers]
-    propagate = flwr_logger.propagate
-    if not verbose:
-        for handler in handlers:
-            handler.setLevel(max(handler.level, logging.WARNING))
-            handler.addFilter(flt)
-        # Flower logs at DEBUG and has its own handler; a root handler (Opacus installs one
-        # with logging.basicConfig on import) would print every record a second time.
-        flwr_logger.propagate = False
-    try:
-        with warnings.catch_warnings():
-            if not verbose:
-                warnings.simplefilter("ignore", FutureWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                # Opacus's RDP accountant notes that a larger alpha range could tighten the
-                # bound; the reported epsilon is a valid upper bound either way.
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            yield
-    finally:
-        for handler, level in zip(handlers, levels, strict=True):
-            handler.setLevel(level)
-            handler.removeFilter(flt)
-        flwr_logger.propagate = propagate
 
 
 def _guarded(progress: ProgressCallback | None) -> ProgressCallback | None:
@@ -615,28 +525,33 @@ def run_job(
     scenario: Scenario,
     job: ScenarioJob,
     *,
+    grid: Grid,
     out: Path,
     dirs: Mapping[int, Path],
     keys: KeyFiles,
     federation: SimulatedFederation,
     resume: bool = False,
-    verbose: bool = False,
     progress: ProgressCallback | None = None,
+    ledger_url: str | None = None,
 ) -> JobResult:
-    """One Flower run (``run_simulation``) for one job; its outcome, verified."""
-    from flwr.simulation import run_simulation
-
-    from clients.app import make_client_app
-    from server.app import make_server_app
+    """One job on the engine's ``grid`` (the job's nodes only, see
+    :mod:`simulations.engine`); its outcome, verified. The run is recorded in the ledger at
+    ``ledger_url`` (default: ``<out>/ledger.sqlite``); resuming reopens only the run this run
+    folder records."""
+    from server.federator import run_federation
 
     run_dir = out / "runs" / job.artifact_name
-    _prepare_run_dir(run_dir, resume=resume)
+    ledger_url = ledger_url or default_ledger_url(out)
+    run_id = (resumable_run_id(run_dir, ledger_url) if resume else None) or new_run_id()
+    _prepare_run_dir(run_dir, resume=resume, run_id=run_id)
     settings = scenario.settings
     nodes = scenario.nodes_of(job.node_type)
     options = RunOptions(
         run_dir=run_dir,
         signing_key=keys.signing_key,
         trusted_keys=keys.trusted_keys,
+        database_url=ledger_url,
+        run_id=run_id,
         seed=_derive_seed(scenario.seed, "job", job.artifact_name),
         deterministic_noise=settings.deterministic_noise,
         resume=resume,
@@ -644,35 +559,32 @@ def run_job(
         node_wait_timeout=settings.node_wait_timeout,
         roster=federation.roster,
     )
-    outcomes: list[JobOutcome] = []
     result = JobResult(job=job)
     started = time.monotonic()
     try:
-        server_app = make_server_app(
-            job.spec, options, progress=_guarded(progress), outcomes=outcomes
-        )
-        client_app = make_client_app(node_configs(scenario, job, dirs, federation.kits))
-        with _quiet(verbose):
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=len(nodes),
-                backend_config=backend_config(scenario),
-                verbose_logging=verbose,
-            )
+        result.outcome = run_federation(grid, job.spec, options, progress=_guarded(progress))
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     result.seconds = time.monotonic() - started
-    mine = [o for o in outcomes if o.artifact_name == job.artifact_name] or outcomes
-    if mine:
-        result.outcome = mine[-1]
-    elif result.error is None:
-        result.error = "the ServerApp ended without reporting an outcome"
     verify(result, keys)
+    if job.is_analytics and result.status is JobStatus.PASSED and result.outcome is not None:
+        _check_normalizer(result.outcome, job, run_dir, [dirs[n.index] for n in nodes])
     return result
 
 
-def _prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
+def _check_normalizer(
+    outcome: JobOutcome, job: ScenarioJob, run_dir: Path, data_dirs: list[Path]
+) -> None:
+    """Add the simulation-only check of a released normalizer to the outcome's metrics."""
+    from simulations.oracle import check_normalizer
+
+    try:
+        outcome.metrics.update(check_normalizer(job.spec, run_dir, data_dirs).metrics())
+    except (OSError, ValueError) as exc:
+        logger.warning("No simulation check of %s: %s", job.artifact_name, exc)
+
+
+def _prepare_run_dir(run_dir: Path, *, resume: bool, run_id: str) -> None:
     """A fresh run folder, or the previous one when resuming; never someone else's folder."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (run_dir / RUN_MARKER).is_file():
@@ -683,18 +595,7 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
         if not resume:
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_MARKER).write_text("written by fedbrain simulate\n", "utf-8")
-
-
-def _previous(out: Path) -> dict[str, Mapping[str, object]]:
-    path = out / "summary.json"
-    try:
-        jobs = json.loads(path.read_text("utf-8")).get("jobs", [])
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {
-        str(j.get("artifact_name")): j for j in jobs if isinstance(j, dict) and "artifact_name" in j
-    }
+    write_run_marker(run_dir, run_id)
 
 
 def run_scenario(
@@ -705,57 +606,101 @@ def run_scenario(
     progress: ProgressCallback | None = None,
     on_job_start: Callable[[ScenarioJob, int, int], None] | None = None,
     on_job_end: Callable[[JobResult], None] | None = None,
+    database_url: str | None = None,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Materialize data and keys, run every job, verify the bundles, write ``summary.json``.
 
-    With ``resume``, a job whose previous outcome (``summary.json``) PASSED with a bundle that
-    still verifies is not run again; the other jobs resume from their checkpoints.
+    The output folder is held for the whole run: a run into a folder that another run holds
+    raises :class:`simulations.outfolder.OutputFolderInUseError` before anything is written.
+    Every job writes one ledger: ``database_url``, default ``<out>/ledger.sqlite``. With
+    ``resume``, a job whose previous outcome (``summary.json``) PASSED with a bundle that
+    still verifies is not run again; the other jobs resume from their checkpoints. The jobs
+    run one after the other on one Simulation Engine (:mod:`simulations.engine`), started
+    here or, with ``ray_address``, on that Ray cluster; if the engine fails, every job that
+    has no result yet fails with its error.
     """
     # Absolute: the nodes' data folders are read by Ray worker processes.
     out = scenario.out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    keys = prepare_keys(out / "keys")
-    result = SimulationResult(scenario=scenario, out=out, keys=keys)
-    dirs = materialize_data(scenario, out)
-    federation = provision_scenario(
-        scenario,
-        out,
-        operator_key=keys.signing_key,
-        trusted_keys=keys.trusted_keys,
-        resume=resume,
-    )
-    previous = _previous(out) if resume else {}
-    for number, job in enumerate(scenario.jobs, start=1):
-        if on_job_start is not None:
-            on_job_start(job, number, len(scenario.jobs))
-        done = outcome_from_json(previous.get(job.artifact_name, {}))
-        job_result: JobResult | None = None
-        if done is not None:
-            job_result = JobResult(job=job, outcome=done, skipped=True)
-            verify(job_result, keys)
-            if job_result.verification is not Verification.VERIFIED:
-                job_result = None
-        if job_result is None:
-            job_result = run_job(
-                scenario,
-                job,
-                out=out,
-                dirs=dirs,
-                keys=keys,
-                federation=federation,
-                resume=resume,
-                verbose=verbose,
-                progress=progress,
-            )
-        result.results.append(job_result)
-        if on_job_end is not None:
-            on_job_end(job_result)
+    with locked_output_folder(out):
+        ledger_url = database_url or default_ledger_url(out)
+        Ledger(ledger_url).close()  # a bad URL or database fails now, not in every job
+        started = time.monotonic()
+        keys = prepare_keys(out / "keys")
+        result = SimulationResult(scenario=scenario, out=out, keys=keys)
+        dirs = materialize_data(scenario, out)
+        federation = provision_scenario(
+            scenario,
+            out,
+            operator_key=keys.signing_key,
+            trusted_keys=keys.trusted_keys,
+            resume=resume,
+        )
+        previous = previous_outcomes(out) if resume else {}
+        done: dict[str, JobResult] = {}
+        for job in scenario.jobs:
+            if job.artifact_name in previous:
+                skipped = JobResult(job=job, outcome=previous[job.artifact_name], skipped=True)
+                verify(skipped, keys)
+                if skipped.verification is Verification.VERIFIED:
+                    done[job.artifact_name] = skipped
+        pending = iter(enumerate(scenario.jobs, start=1))
+
+        def record(job_result: JobResult) -> None:
+            result.results.append(job_result)
+            if on_job_end is not None:
+                on_job_end(job_result)
+            result.seconds = time.monotonic() - started
+            write_summary(result)
+
+        def run_jobs(grids: JobGrids | None) -> None:
+            for number, job in pending:
+                if on_job_start is not None:
+                    on_job_start(job, number, len(scenario.jobs))
+                job_result = done.get(job.artifact_name)
+                if job_result is None:
+                    if grids is None:
+                        raise RuntimeError("the Simulation Engine is not running")
+                    nodes = scenario.nodes_of(job.node_type)
+                    job_result = run_job(
+                        scenario,
+                        job,
+                        grid=grids.for_partitions([n.index for n in nodes]),
+                        out=out,
+                        dirs=dirs,
+                        keys=keys,
+                        federation=federation,
+                        resume=resume,
+                        progress=progress,
+                        ledger_url=ledger_url,
+                    )
+                record(job_result)
+
+        if all(job.artifact_name in done for job in scenario.jobs):
+            run_jobs(None)
+        else:
+            from simulations.engine import run_engine  # Flower and Ray: only when jobs run
+
+            try:
+                run_engine(
+                    scenario,
+                    node_configs(scenario, dirs, federation.kits),
+                    run_jobs,
+                    verbose=verbose,
+                    ray_address=ray_address,
+                    need_partitions=len({n.node_type for n in scenario.nodes}) > 1,
+                )
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                for number, job in pending:  # the jobs the engine did not get to
+                    if on_job_start is not None:
+                        on_job_start(job, number, len(scenario.jobs))
+                    failed = done.get(job.artifact_name) or JobResult(job=job, error=error)
+                    record(failed)
         result.seconds = time.monotonic() - started
         write_summary(result)
-    result.seconds = time.monotonic() - started
-    write_summary(result)
-    return result
+        return result
 
 
 def _finite(value: object) -> object:

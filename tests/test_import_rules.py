@@ -37,12 +37,16 @@ SHARED_CLIENT_MODULES: Final = frozenset(
         "clients.protocol",
         "clients.jobs",
         "clients.models",
+        "clients.adaptation",
+        "clients.checkpoints",
         "clients.sensing",
         "clients.credentials",
     }
 )
 """What the server may import from ``clients``: the job interpretation, the wire contract, the
-model builders (the server builds the global model), the normalizer math, and the layout of a
+model builders (the server builds the global model), which tensors of it train and travel and
+how adapters fold into a bundle (``clients.adaptation``), the base checkpoint's digest that
+every node must match (``clients.checkpoints``), the normalizer math, and the layout of a
 node's kit (which provisioning writes)."""
 
 

@@ -493,3 +493,12 @@ def test_unreachable_targets_and_bad_arguments_are_refused() -> None:
         "`releases` must be at least 1",
     ]:
         assert expected in str(info.value)
+
+
+def test_the_written_out_orders_are_opacus_default_orders() -> None:
+    from opacus.accountants import RDPAccountant
+
+    from aggregation.ddp_accounting import OPACUS_ORDERS, RDP_ORDERS
+
+    assert tuple(RDPAccountant.DEFAULT_ALPHAS) == OPACUS_ORDERS
+    assert RDP_ORDERS[: len(OPACUS_ORDERS)] == OPACUS_ORDERS

@@ -400,3 +400,18 @@ def test_factory_rejects_parameters_the_method_does_not_take() -> None:
 def test_privacy_level_knows_which_levels_hide_individual_updates() -> None:
     hidden = {level for level in PrivacyLevel if level.hides_individual_updates}
     assert hidden == {PrivacyLevel.SECURE_AGG, PrivacyLevel.DP_SECURE_AGG}
+
+
+def test_the_weighted_mean_pass_runs_with_one_blas_thread_and_restores_the_setting() -> None:
+    from threadpoolctl import threadpool_info
+
+    from aggregation.robust import _one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before  # numpy's (and scipy's) OpenBLAS are loaded
+    with _one_blas_thread():
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before

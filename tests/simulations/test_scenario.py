@@ -377,3 +377,34 @@ def test_cli_invalid_scenario_exits_2_with_every_problem(tmp_path: Path) -> None
     assert "simulation.seed: must be >= 0" in result.output
     assert "nodes[0].count: must be >= 1" in result.output
     assert "nodes[1].count: must be >= 1" in result.output
+
+
+def test_a_cross_device_group_of_thousands_is_valid_but_a_scenario_holds_at_most_max_nodes(
+    tmp_path: Path,
+) -> None:
+    from simulations.scenario import MAX_NODES
+
+    many = load_scenario(write(tmp_path, TINY), Overrides(nodes=1000))
+    assert len(many.nodes_of(NodeType.SENSING)) == 1000 and len(many.nodes) == 2000
+    with pytest.raises(ScenarioError) as raised:
+        load_scenario(write(tmp_path, TINY), Overrides(nodes=MAX_NODES // 2 + 1))
+    assert raised.value.problems == (
+        f"nodes: the groups hold {MAX_NODES + 2} nodes in all; a scenario holds at most "
+        f"{MAX_NODES}.",
+    )
+    with pytest.raises(
+        ScenarioError, match=f"--nodes \\(nodes\\[0\\].count\\): must be <= {MAX_NODES}"
+    ):
+        load_scenario(write(tmp_path, TINY), Overrides(nodes=MAX_NODES + 1))
+
+
+def test_the_cross_device_scenario_is_node_level_dp_with_secret_sampling() -> None:
+    scenario = load_scenario(Path(__file__).parents[2] / "simulations" / "cross_device.toml")
+    (job,) = scenario.jobs
+    spec = job.spec
+    assert len(scenario.nodes) == 1000
+    assert spec.privacy_level is PrivacyLevel.DP_SECURE_AGG and spec.dp.unit is DpUnit.NODE
+    assert spec.federation.sampling.value == "secret"
+    assert spec.federation.clients_per_round is not None and spec.federation.fraction is not None
+    included = spec.federation.clients_per_round * spec.federation.fraction
+    assert 90 <= included <= 110  # about 100 nodes' data per round
