@@ -160,6 +160,7 @@ def simulate(
                 progress=display if writer is None else tee(writer, display),
                 on_job_start=display.job_started,
                 on_job_end=display.job_finished,
+                on_base=display.base_progress,
                 database_url=database_url,
                 ray_address=ray_address,
             )

@@ -62,7 +62,12 @@ def backend_config(scenario: Scenario, *, ray_address: str | None = None) -> Bac
         "log_to_driver": False,
     }
     if ray_address is None:
-        init_args.update(num_cpus=settings.num_cpus or os.cpu_count() or 1, num_gpus=0)
+        # "local": always a fresh Ray here. Without an address Ray joins whatever cluster
+        # /tmp/ray/ray_current_cluster names (left by another Ray process or a killed run)
+        # and then refuses num_cpus.
+        init_args.update(
+            address="local", num_cpus=settings.num_cpus or os.cpu_count() or 1, num_gpus=0
+        )
     else:  # a cluster has its resources already; Ray refuses num_cpus when joining one
         init_args["address"] = ray_address
     return {

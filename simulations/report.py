@@ -20,6 +20,7 @@ from rich.status import Status
 from rich.table import Table
 
 from server.options import EventKind, JobStatus, ProgressEvent
+from simulations.bases import BaseEvent
 from simulations.runner import ExitCode, JobResult, SimulationResult, Verification
 from simulations.scenario import Scenario, ScenarioJob
 
@@ -110,6 +111,23 @@ class ProgressDisplay(AbstractContextManager["ProgressDisplay"]):
     def _spin(self, text: str) -> None:
         if self._status is not None:
             self._status.update(escape(text))
+
+    def base_progress(self, event: BaseEvent) -> None:
+        """A demo base starts (one line: generating it can take a minute) or is ready."""
+        with self._lock:
+            if event.seconds is None:
+                if event.generated:
+                    self.console.print(
+                        f"generating the demo base {escape(event.family)} (pretrained on public "
+                        f"demo data) into {escape(str(event.folder))}"
+                    )
+                self._spin(f"demo base {event.family}")
+                return
+            done = "generated" if event.generated else "verified"
+            self.console.print(
+                f"  demo base {escape(event.family)} {done} in {event.seconds:.1f} s"
+                + ("" if event.generated else f": {escape(str(event.folder))}")
+            )
 
     def job_started(self, job: ScenarioJob, number: int, total: int) -> None:
         nodes = len(self.scenario.nodes_of(job.node_type))

@@ -7,6 +7,9 @@ Output folder layout (``<out>``, from the scenario or ``--out``):
   :mod:`simulations.scenario`); ``data/scenario-data.json`` records the hash of everything the
   data depend on, and data with the same hash are reused;
 - ``keys/`` -- the signing key and the trusted-keys file (reused when present and valid);
+- ``bases/<family>-seed<seed>/`` -- the demo bases that jobs with ``base_checkpoint = "demo"``
+  fine-tune, generated before the jobs start (:func:`simulations.bases.resolve_demo_bases`;
+  reused, after verifying their digest, when present);
 - ``runs/<artifact_name>/`` -- one run folder per job (checkpoints, nodes.json, bundle);
 - ``ledger.sqlite`` -- the run ledger every job writes (unless ``database_url`` names another);
 - ``summary.json`` -- the outcome of every job, machine-readable;
@@ -49,6 +52,7 @@ from manifests.keys import KeyVerificationError, SigningKey, TrustedKeys
 from manifests.verify import BundleVerificationError, verify_bundle
 from server.ledger import Ledger
 from server.options import JobOutcome, JobStatus, ProgressEvent, RunOptions
+from simulations.bases import BaseEvent, resolve_demo_bases
 from simulations.federation import SimulatedFederation, provision_scenario
 from simulations.outfolder import (
     RUN_MARKER,
@@ -606,6 +610,7 @@ def run_scenario(
     progress: ProgressCallback | None = None,
     on_job_start: Callable[[ScenarioJob, int, int], None] | None = None,
     on_job_end: Callable[[JobResult], None] | None = None,
+    on_base: Callable[[BaseEvent], None] | None = None,
     database_url: str | None = None,
     ray_address: str | None = None,
 ) -> SimulationResult:
@@ -618,7 +623,9 @@ def run_scenario(
     still verifies is not run again; the other jobs resume from their checkpoints. The jobs
     run one after the other on one Simulation Engine (:mod:`simulations.engine`), started
     here or, with ``ray_address``, on that Ray cluster; if the engine fails, every job that
-    has no result yet fails with its error.
+    has no result yet fails with its error. Before the jobs, the demo bases that jobs name
+    (``base_checkpoint = "demo"``) are generated or verified
+    (:func:`simulations.bases.resolve_demo_bases`, reported to ``on_base``).
     """
     # Absolute: the nodes' data folders are read by Ray worker processes.
     out = scenario.out.expanduser().resolve()
@@ -630,6 +637,8 @@ def run_scenario(
         keys = prepare_keys(out / "keys")
         result = SimulationResult(scenario=scenario, out=out, keys=keys)
         dirs = materialize_data(scenario, out)
+        scenario = resolve_demo_bases(scenario, out, on_base=on_base)
+        result.scenario = scenario
         federation = provision_scenario(
             scenario,
             out,

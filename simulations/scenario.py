@@ -20,7 +20,13 @@ A scenario is a TOML file (the embedded default is ``simulations/default.toml``)
   fails when it gets that message type in round 2; without ``@<round>``: in every round), as
   :class:`clients.node.Fault` reads them.
 - ``[[jobs]]`` -- learning-form jobs, exactly the keys :meth:`JobSpec.from_mapping` accepts
-  (with the nested ``federation``/``dp``/``secagg`` tables).
+  (with the nested ``federation``/``dp``/``secagg`` tables). ``base_checkpoint = "demo"``
+  fine-tunes the project's demo base of the job's family (:mod:`clients.pretrain`): the job
+  must then give that base's sizes (``hidden_size``, ``num_layers``, ``num_heads``, and
+  ``embedding_dim`` / ``input_size`` / ``max_seq_length`` where the base sets them), which the
+  manifest's ``model_config`` records; the runner generates the base into
+  ``<out>/bases/<family>-seed<seed>/`` before the jobs start and substitutes its path
+  (:func:`simulations.runner.resolve_demo_bases`).
 
 Demo data are pooled per group and modality (``count * examples`` examples drawn from the
 scenario seed) and then split across the group's nodes: ``iid`` shuffles and deals equal
@@ -69,6 +75,7 @@ from clients.protocol import (
 )
 from manifests.catalog import Component, NodeType, Task
 from manifests.jobspec import JobSpec, JobSpecError, PrivacyLevel
+from simulations.bases import demo_base_problems
 
 __all__ = [
     "DEFAULT_SCENARIO",
@@ -566,6 +573,10 @@ def _check_jobs(
             spec = JobSpec.from_mapping(_job_values(raw, settings))
         except JobSpecError as exc:
             problems.extend(f"{label}.{p}" for p in exc.problems)
+            continue
+        demo = demo_base_problems(spec)
+        if demo:
+            problems.extend(f"{label}.{p}" for p in demo)
             continue
         name = spec.artifact_name or str(spec.rule_name)
         jobs.append(

@@ -145,16 +145,17 @@ def test_run_into_a_folder_in_use_is_refused_before_anything_is_written(tmp_path
 def test_database_url_reaches_every_job_with_the_run_id_its_folder_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.app
+    import server.federator
     from server.cli import app
 
     seen: list[RunOptions] = []
 
-    def record(job: object, options: RunOptions, **kwargs: object) -> object:
+    def record(grid: object, job: object, options: RunOptions, **kwargs: object) -> object:
         seen.append(options)
-        raise RuntimeError("stop before Flower")
+        raise RuntimeError("stop before the federation")
 
-    monkeypatch.setattr(server.app, "make_server_app", record)
+    # the runner calls server.federator.run_federation on the engine's grid, once per job
+    monkeypatch.setattr(server.federator, "run_federation", record)
     out, database = tmp_path / "out", tmp_path / "fleet.sqlite"
     url = f"sqlite:///{database}"
     command = ["simulate", str(_scenario(tmp_path)), "--out", str(out), "--database-url", url]

@@ -14,6 +14,7 @@ from clients.data import load_audio, load_corpus, load_images, load_sensor_csv, 
 from manifests.catalog import NodeType
 from manifests.keys import TrustedKeys
 from server.options import JobOutcome, JobStatus
+from simulations.bases import BaseEvent, resolve_demo_bases
 from simulations.runner import (
     DATA_MARKER,
     ExitCode,
@@ -255,6 +256,8 @@ def test_progress_lines_and_summary_table(tmp_path: Path) -> None:
     result = SimulationResult(scenario=scenario, out=tmp_path, keys=prepare_keys(tmp_path / "k"))
     job = scenario.jobs[0]
     with ProgressDisplay(console, scenario) as display:
+        display.base_progress(BaseEvent("vit", tmp_path / "bases" / "vit-seed42", True))
+        display.base_progress(BaseEvent("vit", tmp_path / "bases" / "vit-seed42", True, 12.34))
         display.job_started(job, 1, 1)
         display(event)
         failed = JobResult(job=job, error="RuntimeError: no nodes", seconds=1.0)
@@ -264,6 +267,8 @@ def test_progress_lines_and_summary_table(tmp_path: Path) -> None:
     result.results.append(JobResult(job=job, outcome=rejected))
     print_summary(console, result)
     text = console.export_text()
+    assert "generating the demo base vit (pretrained on public demo data) into" in text
+    assert "demo base vit generated in 12.3 s" in text
     assert "round 2/3  loss 1.23" in text
     assert "failed -- RuntimeError: no nodes" in text
     assert "rejected sensing-camera-preproc-v1: below the reliability threshold" in text
@@ -282,6 +287,65 @@ def test_learning_column_compares_each_job_with_its_baseline() -> None:
         "perplexity 9.50 (unigram 17.25)"
     )
     assert learning_text({"simulation_std_error": 0.042}) == ("std within 4.2% of pooled data*")
+
+
+# ------------------------------------------------------------------------------ demo bases
+
+
+def test_demo_bases_are_generated_once_per_family_and_substituted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default scenario's model jobs get the path of their family's demo base, generated
+    by clients.pretrain.pretrained_base from the scenario's seed (faked here: no training)."""
+    import clients.pretrain
+    from manifests.jobspec import DEMO_BASE
+
+    calls: list[tuple[str, Path, int]] = []
+
+    def fake(family: str, folder: Path, *, seed: int) -> Path:
+        calls.append((str(family), folder, seed))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        return folder
+
+    monkeypatch.setattr(clients.pretrain, "pretrained_base", fake)
+    scenario = load_scenario(None, Overrides(out=tmp_path, seed=3))
+    events: list[BaseEvent] = []
+    resolved = resolve_demo_bases(scenario, tmp_path, on_base=events.append)
+    bases = tmp_path / "bases"
+    assert calls == [
+        ("vit", bases / "vit-seed3", 3),
+        ("wav2vec2", bases / "wav2vec2-seed3", 3),
+        ("gpt2", bases / "gpt2-seed3", 3),
+    ]
+    assert [(e.family, e.generated, e.seconds is None) for e in events[:2]] == [
+        ("vit", True, True),
+        ("vit", True, False),
+    ]
+    by_name = {job.artifact_name: job.spec.base_checkpoint for job in resolved.jobs}
+    assert by_name == {
+        job.artifact_name: (
+            None
+            if job.spec.base_checkpoint is None
+            else str((bases / f"{_family(job.spec.base_model)}-seed3").resolve())
+        )
+        for job in scenario.jobs
+    }
+    assert all(job.spec.base_checkpoint != DEMO_BASE for job in resolved.jobs)
+    # a second run finds the folders (pretrained_base then only verifies them)
+    events.clear()
+    again = resolve_demo_bases(scenario, tmp_path, on_base=events.append)
+    assert not any(e.generated for e in events) and again.jobs == resolved.jobs
+    # a scenario without demo bases is returned as is, with nothing generated
+    calls.clear()
+    sensing = load_scenario(None, Overrides(out=tmp_path, only=("sensing-iot-normalizer-v1",)))
+    assert resolve_demo_bases(sensing, tmp_path) is sensing and not calls
+
+
+def _family(base_model: str) -> str:
+    from clients.models import family_for_base_model
+
+    return str(family_for_base_model(base_model))
 
 
 # ----------------------------------------------------------------------- end to end (Flower)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from clients.demo_data import Modality
 from manifests.catalog import NodeType
-from manifests.jobspec import DpUnit, PrivacyLevel
+from manifests.jobspec import DEMO_BASE, Adaptation, DpUnit, PrivacyLevel
 from server.cli import app
 from simulations.runner import ExitCode
 from simulations.scenario import (
@@ -104,6 +104,45 @@ def test_default_scenario_is_dp_and_secure_agg_within_budget(default: Scenario) 
         else:
             assert spec.hidden_size is not None and spec.hidden_size <= 64
             assert spec.num_layers is not None and spec.num_layers <= 2
+
+
+def test_default_scenario_fine_tunes_demo_bases_at_their_sizes(default: Scenario) -> None:
+    from clients.models import family_for_base_model
+    from clients.pretrain import DEMO_BASES
+
+    models = [job for job in default.jobs if not job.is_analytics]
+    assert len(models) == 3
+    for job in models:
+        spec = job.spec
+        # the runner generates the base and substitutes its path (test_runner)
+        assert spec.base_checkpoint == DEMO_BASE
+        assert spec.adaptation in {Adaptation.HEAD, Adaptation.LORA}
+        assert spec.dp.target_epsilon is not None and spec.dp.target_epsilon <= 8
+        # the manifest's model_config shows the trained (demo) sizes
+        base = DEMO_BASES[family_for_base_model(spec.base_model)]
+        assert (spec.hidden_size, spec.num_layers, spec.num_heads) == (
+            base.hidden_size,
+            base.num_layers,
+            base.num_heads,
+        )
+    assert all(job.spec.base_checkpoint is None for job in default.jobs if job.is_analytics)
+
+
+def test_a_demo_base_job_must_give_the_bases_sizes(tmp_path: Path) -> None:
+    text = TINY.replace(
+        "embedding_dim = 16\n",
+        'embedding_dim = 16\nbase_checkpoint = "demo"\nadaptation = "head"\nhidden_size = 32\n',
+    )
+    found = problems_of(write(tmp_path, text))
+    assert any(
+        p.startswith(
+            "jobs[1].hidden_size: the vit demo base (base_checkpoint = demo) has hidden_size = 64"
+        )
+        and p.endswith("Found 32.")
+        for p in found
+    ), found
+    assert any(p.startswith("jobs[1].num_layers:") and p.endswith("Found None.") for p in found)
+    assert any(p.startswith("jobs[1].embedding_dim:") for p in found)
 
 
 def test_default_scenario_has_nodes_with_every_jobs_data(default: Scenario) -> None:
