@@ -123,6 +123,8 @@ class Stages:
                 "peak_rss_mib": peak[0] / MIB, "rise_mib": (peak[0] - start_rss) / MIB,
                 "traced_mib": traced / MIB,
             })  # fmt: skip
+            # Each finished stage at once, so a run killed later (memory) keeps what it measured.
+            print("STAGE " + json.dumps(self.rows[-1]), flush=True)
 
 
 def _model(name: str) -> tuple[nn.Module, str]:
@@ -292,6 +294,14 @@ def main() -> None:
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not lines:
                 print(f"{name} {mode}: failed ({out.returncode})\n{out.stderr[-2000:]}")
+                for line in out.stdout.splitlines():
+                    if line.startswith("STAGE "):
+                        s = json.loads(line[len("STAGE ") :])
+                        print(f"{name:9s} {mode:5s} {s['side']:7s} {s['stage']:22s} "
+                              f"{s['seconds']:8.3f} {s['cpu_seconds']:8.3f} "
+                              f"{s['peak_rss_mib']:8.0f}M {s['rise_mib']:6.0f}M "
+                              f"{s['traced_mib']:6.0f}M (finished before the failure)",
+                              flush=True)  # fmt: skip
                 continue
             r = json.loads(lines[-1][len("RESULT ") :])
             print(f"\n{name} {mode}: {r['params'] / 1e6:.1f}M parameters, "

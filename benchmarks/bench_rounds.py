@@ -626,6 +626,10 @@ def main() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # A fresh local Ray for every run: without an address, ray.init() joins the cluster named
+    # in /tmp/ray/ray_current_cluster (left by any earlier `ray start --head`, even a dead
+    # one), which refuses the num_cpus the backend config passes.
+    os.environ.setdefault("RAY_ADDRESS", "local")
 
     print("# Round time in the Simulation Engine, no-op training\n")
     print(f"Command: `{command_line()}`\n")
