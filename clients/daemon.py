@@ -7,8 +7,13 @@ that the node can defend itself: its Flower authentication key and identity key 
 kit's CA verifies the SuperLink), the kit's authentication key and a node config that names
 the node, its type, its data folder and its kit (:class:`clients.config.NodeConfig`), and stays
 its parent: it forwards SIGTERM/SIGINT/SIGHUP and exits with its status. The SuperNode retries
-until the SuperLink answers and reconnects after a SuperLink restart; the ClientApp it starts
-per message loads the kit and applies the node's policy to every job.
+until the SuperLink answers and reconnects after a SuperLink restart; the ClientApp task of
+each message loads the kit and applies the node's policy to every job.
+
+Light on the device: the SuperNode runs with ``--isolation process`` and the daemon starts the
+node's SuperExec itself, :mod:`clients.superexec` (:func:`superexec_command`), which forks each
+message's ClientApp task from a process that has imported Flower, torch and fedbrain once,
+instead of Flower's default of a fresh interpreter per message.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "NodeDeploymentError",
     "load_deployment",
     "run_node",
+    "superexec_command",
     "supernode_command",
 ]
 
@@ -163,7 +169,7 @@ def supernode_command(node: NodeDeployment, *, insecure: bool) -> list[str]:
         "--superlink",
         node.superlink,
         "--isolation",
-        "subprocess",
+        "process",  # the daemon runs the SuperExec: superexec_command
         "--host",
         "127.0.0.1",  # the ClientApp API stays on this machine
         "--port",
@@ -179,6 +185,22 @@ def supernode_command(node: NodeDeployment, *, insecure: bool) -> list[str]:
         str(node.folder / CA_FILE),
         "--auth-supernode-private-key",
         str(node.folder / AUTH_KEY_FILE),
+    ]
+
+
+def superexec_command(node: NodeDeployment, *, supernode_pid: int) -> list[str]:
+    """The node's SuperExec (:mod:`clients.superexec`) for its SuperNode's Runtime API on
+    loopback (plain HTTP on 127.0.0.1, as Flower's own SuperExec uses it); it exits with the
+    SuperNode."""
+    return [
+        sys.executable,
+        "-m",
+        "clients.superexec",
+        "--runtime-api-address",
+        f"127.0.0.1:{node.runtime_port}",
+        "--insecure",
+        "--parent-pid",
+        str(supernode_pid),
     ]
 
 
@@ -199,6 +221,9 @@ def run_node(
         cwd=node.folder,
         env=env,
     )
+    executor = subprocess.Popen(  # noqa: S603 -- our own argument list
+        superexec_command(node, supernode_pid=process.pid), cwd=node.folder, env=env
+    )
     echo(
         f"node {node.name!r} ({node.node_type}) of federation {node.federation!r}: "
         f"connecting to {node.superlink}"
@@ -214,5 +239,10 @@ def run_node(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if process.poll() is None:
-            process.terminate()
+        for child in (process, executor):
+            if child.poll() is None:
+                child.terminate()
+        try:
+            executor.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            executor.kill()
