@@ -24,6 +24,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 _FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_WATCH_INTERVAL: Final = 0.5
+"""Seconds between the daemon's checks that its SuperNode and SuperExec are both alive."""
 INSECURE_WARNING: Final = (
     "WARNING: --insecure: this SuperNode talks to the SuperLink WITHOUT TLS and WITHOUT node\n"
     "WARNING: authentication: it cannot tell the SuperLink from an impostor on the network.\n"
@@ -235,7 +238,17 @@ def run_node(
 
     previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
     try:
-        return process.wait()
+        while (code := process.poll()) is None:
+            if executor.poll() is not None:  # no SuperExec: messages would wait forever
+                echo(
+                    f"node {node.name!r}: its SuperExec exited (status {executor.returncode}); "
+                    "stopping the SuperNode"
+                )
+                process.terminate()
+                process.wait()
+                return 1
+            time.sleep(_WATCH_INTERVAL)
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -5,13 +5,21 @@ signed runs. The processes themselves: tests/integration/test_edge_deployment.py
 from __future__ import annotations
 
 import os
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
 
-from clients.daemon import NodeDeploymentError, load_deployment, supernode_command
+import clients.daemon
+from clients.daemon import (
+    NodeDeploymentError,
+    load_deployment,
+    run_node,
+    superexec_command,
+    supernode_command,
+)
 from manifests.jobspec import JobSpec
 from manifests.keys import ExpiredKeyError, SigningKey, TrustedKey, TrustedKeys
 from manifests.signed_job import sign_job
@@ -98,6 +106,34 @@ def test_a_node_starts_its_supernode_with_tls_its_key_and_its_kit(kits: Path) ->
     config = command[command.index("--node-config") + 1]
     assert f'kit="{node.folder}"' in config and 'node-type="sensing"' in config
     assert command[command.index("--host") + 1] == "127.0.0.1"
+
+
+def test_a_node_runs_its_supernode_in_process_isolation_beside_its_own_superexec(
+    kits: Path,
+) -> None:
+    node = load_deployment(kits / "nodes" / "n0")
+    assert supernode_command(node, insecure=False)[3:5] == ["--isolation", "process"]
+    command = superexec_command(node, supernode_pid=4321)
+    assert command[1:3] == ["-m", "clients.superexec"]
+    assert command[command.index("--runtime-api-address") + 1] == f"127.0.0.1:{node.runtime_port}"
+    assert command[command.index("--parent-pid") + 1] == "4321"
+
+
+def test_a_node_whose_superexec_dies_stops_its_supernode_and_exits_one(
+    kits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without its SuperExec a SuperNode would take messages it can never answer: the daemon
+    stops it and exits non-zero (systemd restarts the node). Real flower-supernode process;
+    no SuperLink listens at the kit's address, so it would otherwise retry for ever."""
+    node = load_deployment(kits / "nodes" / "n0")
+    monkeypatch.setattr(
+        clients.daemon,
+        "superexec_command",
+        lambda *_a, **_k: [sys.executable, "-c", "raise SystemExit(3)"],
+    )
+    said: list[str] = []
+    assert run_node(node, insecure=False, echo=said.append) == 1
+    assert "its SuperExec exited (status 3); stopping the SuperNode" in said[-1]
 
 
 def test_a_node_kit_that_cannot_defend_itself_is_refused(tmp_path: Path, kits: Path) -> None:
