@@ -44,7 +44,7 @@ from clients.models import (
     Adaptation,
     EncoderModel,
     ModelFamily,
-    WeightsError,
+    copy_into,
     get_weights,
     unwrap,
     weight_names,
@@ -199,22 +199,7 @@ def set_trainable_weights(model: nn.Module, arrays: Sequence[F32]) -> None:
     """Copy ``arrays`` (in :func:`trainable_names` order) into the trainable parameters, in
     place. Raises :class:`~clients.models.WeightsError` naming every mismatch before changing
     anything."""
-    named = _trainable(model)
-    if len(arrays) != len(named):
-        raise WeightsError(
-            f"Expected {len(named)} trainable weight arrays for this model, got {len(arrays)}. "
-            "Do the server and the node adapt the same model (compare model_fingerprint)?"
-        )
-    problems = [
-        f"{name}: got shape {tuple(np.shape(a))}, model expects {tuple(p.shape)}"
-        for (name, p), a in zip(named, arrays, strict=True)
-        if tuple(np.shape(a)) != tuple(p.shape)
-    ]
-    if problems:
-        raise WeightsError("Weight arrays do not fit the model: " + "; ".join(problems) + ".")
-    with torch.no_grad():
-        for (_, param), array in zip(named, arrays, strict=True):
-            param.copy_(torch.as_tensor(np.asarray(array), dtype=param.dtype))
+    copy_into(_trainable(model), arrays, kind="trainable weight arrays", made="adapt")
 
 
 def merged_state(model: nn.Module) -> dict[str, F32]:

@@ -31,7 +31,7 @@ import json
 import math
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -81,6 +81,7 @@ __all__ = [
     "ModelSpec",
     "WeightsError",
     "build_model",
+    "copy_into",
     "family_for_base_model",
     "get_weights",
     "load_checkpoint",
@@ -679,11 +680,23 @@ def set_weights(model: nn.Module, arrays: list[npt.NDArray[np.float32]]) -> None
 
     Raises :class:`WeightsError` naming every mismatch before changing anything.
     """
-    named = _named_tensors(model)
+    copy_into(_named_tensors(model), arrays, kind="weight arrays", made="build")
+
+
+def copy_into(
+    named: Sequence[tuple[str, Tensor]],
+    arrays: Sequence[npt.NDArray[np.float32]],
+    *,
+    kind: str,
+    made: str,
+) -> None:
+    """Copy ``arrays`` into the ``named`` tensors, in place, after checking count and shapes
+    (:class:`WeightsError` naming every mismatch, nothing changed). ``kind`` names the arrays
+    and ``made`` how server and node make the model, in the error."""
     if len(arrays) != len(named):
         raise WeightsError(
-            f"Expected {len(named)} weight arrays for this model, got {len(arrays)}. "
-            "Do the server and the node build the same model (compare model_fingerprint)?"
+            f"Expected {len(named)} {kind} for this model, got {len(arrays)}. "
+            f"Do the server and the node {made} the same model (compare model_fingerprint)?"
         )
     problems = [
         f"{name}: got shape {tuple(np.shape(a))}, model expects {tuple(t.shape)}"

@@ -33,7 +33,6 @@ from clients.demo_data import demo_dataset
 from clients.models import (
     EncoderModel,
     ModelFamily,
-    ModelSpec,
     build_model,
     get_weights,
     model_config,
@@ -47,24 +46,8 @@ from clients.pretrain import (
     pretrained_base,
     public_data,
 )
+from tests.support.tiny_models import TINY
 
-TINY = {
-    ModelFamily.VIT: ModelSpec(
-        ModelFamily.VIT, hidden_size=32, num_layers=2, num_heads=2, input_size=32,
-        patch_size=8, embedding_dim=16, num_classes=10,
-    ),
-    ModelFamily.WAV2VEC2: ModelSpec(
-        ModelFamily.WAV2VEC2, hidden_size=32, num_layers=2, num_heads=2, embedding_dim=16,
-        num_classes=6,
-    ),
-    ModelFamily.MPNET: ModelSpec(
-        ModelFamily.MPNET, hidden_size=32, num_layers=2, num_heads=2, max_seq_length=32,
-        embedding_dim=16, num_classes=4,
-    ),
-    ModelFamily.GPT2: ModelSpec(
-        ModelFamily.GPT2, hidden_size=32, num_layers=2, num_heads=2, max_seq_length=32
-    ),
-}  # fmt: skip
 TINY_RECIPE = PretrainRecipe(examples=24, epochs=1, batch_size=12, learning_rate=1e-3)
 
 
