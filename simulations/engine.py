@@ -35,6 +35,7 @@ from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from clients.app import PARTITION, PARTITION_KEY, make_client_app
+from simulations.dispatch import fast_dispatch, paced_send_and_receive
 
 if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo
@@ -159,7 +160,7 @@ class JobGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        return paced_send_and_receive(self._grid, messages, timeout=timeout)
 
 
 class JobGrids:
@@ -242,7 +243,7 @@ def run_engine(
             partitions = _partitions(grid, connected, deadline)
         body(JobGrids(grid, partitions))
 
-    with quiet(verbose):
+    with quiet(verbose), fast_dispatch():
         run_simulation(
             server_app=server_app,
             client_app=make_client_app(nodes),
