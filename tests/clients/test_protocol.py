@@ -394,3 +394,38 @@ def test_flatten_and_unflatten_are_inverse_and_refuse_a_wrong_length() -> None:
     assert flatten([]).shape == (0,)
     with pytest.raises(ValueError, match="does not fit shapes totalling 7"):
         unflatten(np.zeros(6), [(2, 3), ()])
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(7, dtype=np.float32),
+        np.random.default_rng(0).normal(size=(3, 4)),  # float64
+        np.ones((), dtype=np.float64),
+        np.zeros(0, dtype=np.float32),
+        np.zeros((2, 0, 3), dtype=np.float32),
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        np.arange(4, dtype=np.int64),
+        np.arange(4, dtype=">f4"),
+    ],
+    ids=["f32", "f64-2d", "f64-0d", "empty", "empty-3d", "fortran", "int64", "big-endian"],
+)
+def test_read_array_gives_what_flower_reads_writable(array: np.ndarray) -> None:
+    record = Array(np.asarray(array))
+    fast, flower = protocol.read_array(record), record.numpy()
+    assert fast.dtype == flower.dtype and fast.shape == flower.shape
+    assert np.array_equal(fast, flower)
+    assert fast.flags.writeable and fast.flags.c_contiguous == flower.flags.c_contiguous
+
+
+def test_read_array_leaves_a_header_that_disagrees_or_a_short_body_to_numpy() -> None:
+    good = Array(np.arange(6, dtype=np.float32))
+    # The Array claims (2, 3) but its bytes say (6,): numpy's reader decides, as before.
+    claimed = Array(dtype="float32", shape=(2, 3), stype=good.stype, data=good.data)
+    assert protocol.read_array(claimed).shape == (6,)
+    short = Array(dtype="float32", shape=(6,), stype=good.stype, data=good.data[:-4])
+    with pytest.raises(ValueError, match="expected 24 bytes"):
+        protocol.read_array(short)
+    pickled = Array(dtype="float32", shape=(6,), stype=good.stype, data=b"\x80\x04junk")
+    with pytest.raises(ValueError):
+        protocol.read_array(pickled)
