@@ -8,7 +8,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_rounds.py --nodes 1000 --per-round 100 --params 1e5 \
         --rounds 3                                                # cross-device scale
 
-Four ``flwr.simulation.run_simulation`` runs, one after the other in this process (Ray
+Five ``flwr.simulation.run_simulation`` runs (seven with ``--same-dispatcher``), one after
+the other in this process (Ray
 backend, ``client_resources.num_cpus = 1``, Ray given every core), each with N virtual nodes
 whose training is a no-op (the reply carries the received P float32 values unchanged), so
 the round time is the protocol's: messages, serialization, masking, unmasking, aggregation.
@@ -19,10 +20,20 @@ Each round samples M of the N nodes (``--per-round``, default all): Flower's str
    SecAggPlusWorkflow(...))`` on a ``LegacyContext`` with the legacy ``FedAvg``; a ClientApp
    from a ``NumPyClient`` whose ``fit`` returns its input, with ``mods=[secaggplus_mod]``.
 2. **Flower plain**: the Message API ``flwr.serverapp.strategy.FedAvg`` and a Message API
-   ClientApp replying its ``ArrayRecord`` unchanged.
+   ClientApp replying its ``ArrayRecord`` unchanged; once training only, once with a
+   federated evaluation of each round's aggregate on M nodes (``fraction_evaluate = M / N``,
+   a ClientApp ``evaluate`` answering at once) -- the same work as a fedbrain round.
 3. **fedbrain SecAgg+** and 4. **fedbrain plain**: fedbrain's own ServerApp and ClientApp
    (``server.app.make_server_app``, ``clients.app.make_client_app``) with ``privacy_level``
-   ``secure-agg`` and ``none`` -- see :func:`fedbrain_run`.
+   ``secure-agg`` and ``none`` -- see :func:`fedbrain_run`. Every fedbrain round also
+   evaluates its aggregate on the round's nodes (with SecAgg+: a second secure collection).
+
+Flower's rows run in Flower's engine as shipped. fedbrain's run in the engine as ``fedbrain
+simulate`` runs it: Flower's Simulation Engine with fedbrain's message dispatcher
+(:mod:`simulations.dispatch`: one walk over the message store per 5 ms sweep instead of one
+per node per 0.1 s) and its job grid's paced reply pulls. ``--same-dispatcher`` adds
+Flower's training-only and SecAgg+ rows in that same engine, to separate the engine's gain
+from the protocol's.
 
 Parameters: k = min(N-1, 2*ceil(log2 N)) neighbours and threshold t = k//2 + 1 (fedbrain's
 ``SecAggParams``: t counts shares among the k+1 holders, the client itself and its k
@@ -36,16 +47,21 @@ So ``num_shares = k + 1`` (odd whenever k is even, as Flower wants) and
 Timing, from the ServerApp's side (its thread runs in this process): for each round the time
 from the start of sampling to the aggregated parameters -- Flower SecAgg+: the whole
 ``fit_workflow`` call (configure_fit, the four stages, aggregate_fit); Flower plain: from
-``configure_train`` to the end of ``aggregate_train``; fedbrain: from its ``ROUND_STARTED`` to
-its ``ROUND_FINISHED`` progress event (which also spans the federator's evaluation and
-checkpoint, if the job has them). Flower's runs do not evaluate. Round 1 carries the actors'
-warm-up (imports, first ClientApp construction), so the mean is over rounds 2..R. Each
+``configure_train`` to the end of ``aggregate_train`` (with evaluation: of
+``aggregate_evaluate``); fedbrain: from its ``ROUND_STARTED`` to its ``ROUND_FINISHED``
+progress event (which also spans the federator's evaluation and checkpoint, if the job has
+them). "fit collection" is the training part alone: fedbrain's ``fit:`` stages, Flower
+FedAvg's train step, Flower SecAgg+'s whole round (it does not evaluate). Round 1 carries
+the actors' warm-up (imports, first ClientApp construction), so the mean is over rounds 2..R. Each
 row also reports max |aggregate - input| (no-op training averages to the input).
 "total" is the wall time of the whole ``run_simulation`` call (Ray start and stop included).
 "before round 1" is the time from the ServerApp's start to its first round: for fedbrain the
 node discovery (every node's ``query.node_info``) and the run's setup, for Flower the
-strategy's start. "peak RSS" is the largest sum of the resident memory of this process and all
-its descendants (Ray's GCS, raylet and workers), sampled every 0.25 s.
+strategy's start; for fedbrain, "of which to the first reply" is the part before any node
+answered -- the engine's start (Ray, the actor processes) and the actors' first imports, which
+Flower's rows pay inside their round 1 instead. "peak RSS" is the largest sum of the resident
+memory of this process and all its descendants (Ray's GCS, raylet and workers), sampled every
+0.25 s.
 """
 
 from __future__ import annotations
@@ -82,6 +98,7 @@ if TYPE_CHECKING:
     from tests.support.federation import Federation
 
 FEDBRAIN_UNAVAILABLE = "fedbrain apps not available yet"
+FEDBRAIN_DISPATCH = ", in an engine with fedbrain's dispatcher"
 
 
 class FedbrainUnavailableError(RuntimeError):
@@ -95,11 +112,14 @@ class RunTiming:
     label: str
     family: str  # "Flower" or "fedbrain"
     secure: bool
+    fast_dispatch: bool = False  # the engine ran with simulations.dispatch (fedbrain's rows)
+    evaluates: bool = False  # each round also evaluates the aggregate on M nodes
     round_seconds: list[float] = field(default_factory=list)
     stage_seconds: dict[str, list[float]] = field(default_factory=dict)
     total_seconds: float = 0.0
     max_error: float = math.nan  # max |aggregate - input|: no-op training averages to the input
     before_first_round: float = math.nan  # ServerApp start -> first round (fedbrain: discovery)
+    first_reply: float = math.nan  # ServerApp start -> first reply (engine and actors started)
     peak_rss_gib: float = math.nan  # this process and its descendants
     error: str = ""
 
@@ -110,6 +130,18 @@ class RunTiming:
             steady = seconds[1:] or seconds
             parts.append(f"{stage} {sum(steady) / len(steady):.3f}")
         return ", ".join(parts)
+
+    @property
+    def fit_seconds(self) -> float:
+        """Mean over rounds 2..R of the fit collection: the ``fit:`` stages when the run
+        timed them (fedbrain, Flower FedAvg), else the whole round (Flower SecAgg+, which
+        does not evaluate)."""
+        fit = [seconds for stage, seconds in self.stage_seconds.items() if stage.startswith("fit:")]
+        if not fit:
+            return self.steady_seconds
+        per_round = [sum(values) for values in zip(*fit, strict=False)]
+        steady = per_round[1:] or per_round
+        return sum(steady) / len(steady) if steady else math.nan
 
     @property
     def steady_seconds(self) -> float:
@@ -124,6 +156,7 @@ _STAGE_SECONDS: dict[str, list[float]] = {}
 _MAX_ERROR: list[float] = []
 _MAIN_STARTED: list[float] = []
 _FIRST_ROUND: list[float] = []
+_FIRST_REPLY: list[float] = []
 
 
 class PeakMemory:
@@ -241,17 +274,25 @@ def simulate(
     expected_rounds: int,
     verbose: bool,
 ) -> RunTiming:
-    """One ``run_simulation``; fills ``timing`` from the sinks and the wall clock."""
+    """One ``run_simulation``; fills ``timing`` from the sinks and the wall clock. With
+    ``timing.fast_dispatch`` the engine hands out messages with fedbrain's dispatcher
+    (:mod:`simulations.dispatch`, as ``fedbrain simulate`` does); otherwise with Flower's."""
+    from contextlib import nullcontext
+
     from flwr.simulation import run_simulation
+
+    from simulations.dispatch import fast_dispatch
 
     _ROUND_SECONDS.clear()
     _STAGE_SECONDS.clear()
     _MAX_ERROR.clear()
     _MAIN_STARTED.clear()
     _FIRST_ROUND.clear()
+    _FIRST_REPLY.clear()
     start = time.perf_counter()
     try:
-        with quiet(verbose), PeakMemory() as memory:
+        dispatch = fast_dispatch() if timing.fast_dispatch else nullcontext()
+        with quiet(verbose), dispatch, PeakMemory() as memory:
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -265,6 +306,8 @@ def simulate(
     timing.peak_rss_gib = memory.gib
     if _MAIN_STARTED and _FIRST_ROUND:
         timing.before_first_round = _FIRST_ROUND[0] - _MAIN_STARTED[0]
+    if _MAIN_STARTED and _FIRST_REPLY:
+        timing.first_reply = _FIRST_REPLY[0] - _MAIN_STARTED[0]
     timing.round_seconds = list(_ROUND_SECONDS)
     timing.stage_seconds = {stage: list(s) for stage, s in _STAGE_SECONDS.items()}
     timing.max_error = _MAX_ERROR[-1] if _MAX_ERROR else timing.max_error
@@ -274,7 +317,9 @@ def simulate(
 
 
 # -- (1) Flower SecAgg+ (legacy path) ----------------------------------------------------------
-def flower_secagg_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunTiming:
+def flower_secagg_run(
+    n: int, m: int, p: int, rounds: int, verbose: bool, fast: bool = False
+) -> RunTiming:
     from flwr.app import Context
     from flwr.client import Client, NumPyClient
     from flwr.client.mod import secaggplus_mod
@@ -286,6 +331,8 @@ def flower_secagg_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> Run
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
     from flwr.serverapp import Grid, ServerApp
+
+    from simulations.engine import JobGrid
 
     k, t = neighbours_and_threshold(m)
 
@@ -341,6 +388,8 @@ def flower_secagg_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> Run
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         _MAIN_STARTED.append(time.perf_counter())
+        if fast:  # the engine's job grid: replies pulled by simulations.dispatch
+            grid = JobGrid(grid, None, run_id=grid.run.run_id)
         strategy = LegacyFedAvg(
             fraction_fit=m / n,
             fraction_evaluate=0.0,
@@ -356,15 +405,30 @@ def flower_secagg_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> Run
         _MAX_ERROR.append(float(np.max(np.abs(final[0] - initial_vector(p)))))
 
     label = f"Flower 1.42 SecAgg+ (`SecAggPlusWorkflow`, num_shares = {k + 1}, t = {t})"
-    return simulate(RunTiming(label, "Flower", True), server_app, client_app, n, rounds, verbose)
+    label += FEDBRAIN_DISPATCH if fast else ""
+    timing = RunTiming(label, "Flower", True, fast_dispatch=fast)
+    return simulate(timing, server_app, client_app, n, rounds, verbose)
 
 
 # -- (2) Flower plain FedAvg (Message API) -----------------------------------------------------
-def flower_plain_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunTiming:
+def flower_plain_run(
+    n: int,
+    m: int,
+    p: int,
+    rounds: int,
+    verbose: bool,
+    fast: bool = False,
+    evaluate: bool = False,
+) -> RunTiming:
+    """Flower's FedAvg, training only or (``evaluate``) with a federated evaluation of the
+    round's aggregate on M nodes after each training step, as fedbrain's rounds do: its round
+    then runs from ``configure_train`` to the end of ``aggregate_evaluate``."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
+
+    from simulations.engine import JobGrid
 
     client_app = ClientApp()
 
@@ -375,8 +439,14 @@ def flower_plain_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunT
         )
         return Message(content=content, reply_to=msg)
 
+    @client_app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        metrics = MetricRecord({"num-examples": 1, "loss": 0.0})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
     class TimedFedAvg(FedAvg):
         _start = 0.0
+        _trained = 0.0
 
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -389,8 +459,21 @@ def flower_plain_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunT
             self, server_round: int, replies: Iterable[Message]
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             result = super().aggregate_train(server_round, replies)
-            if result[0] is not None:  # count only rounds that aggregated
+            self._trained = time.perf_counter()
+            _STAGE_SECONDS.setdefault("fit:train", []).append(self._trained - self._start)
+            if result[0] is not None and not evaluate:  # count only rounds that aggregated
                 _ROUND_SECONDS.append(time.perf_counter() - self._start)
+            return result
+
+        def aggregate_evaluate(
+            self, server_round: int, replies: Iterable[Message]
+        ) -> MetricRecord | None:
+            result = super().aggregate_evaluate(server_round, replies)
+            now = time.perf_counter()
+            if evaluate:
+                _STAGE_SECONDS.setdefault("evaluate:evaluate", []).append(now - self._trained)
+                if result is not None:
+                    _ROUND_SECONDS.append(now - self._start)
             return result
 
     server_app = ServerApp()
@@ -398,10 +481,13 @@ def flower_plain_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunT
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         _MAIN_STARTED.append(time.perf_counter())
+        if fast:  # the engine's job grid: replies pulled by simulations.dispatch
+            grid = JobGrid(grid, None, run_id=grid.run.run_id)
         strategy = TimedFedAvg(
             fraction_train=m / n,
-            fraction_evaluate=0.0,
+            fraction_evaluate=m / n if evaluate else 0.0,
             min_train_nodes=m,
+            min_evaluate_nodes=m if evaluate else 0,
             min_available_nodes=n,
         )
         result = strategy.start(
@@ -413,7 +499,10 @@ def flower_plain_run(n: int, m: int, p: int, rounds: int, verbose: bool) -> RunT
         _MAX_ERROR.append(float(np.max(np.abs(final[0] - initial_vector(p)))))
 
     label = "Flower 1.42 plain FedAvg (Message API `flwr.serverapp.strategy.FedAvg`)"
-    return simulate(RunTiming(label, "Flower", False), server_app, client_app, n, rounds, verbose)
+    label += ", with federated evaluation" if evaluate else ""
+    label += FEDBRAIN_DISPATCH if fast else ""
+    timing = RunTiming(label, "Flower", False, fast_dispatch=fast, evaluates=evaluate)
+    return simulate(timing, server_app, client_app, n, rounds, verbose)
 
 
 # -- (3) fedbrain ----------------------------------------------------------------------------
@@ -503,11 +592,12 @@ def fedbrain_run(
         from clients.app import make_client_app
     except ImportError as error:
         raise FedbrainUnavailableError(str(error)) from error
-    from flwr.app import Context
+    from flwr.app import Context, Message
     from flwr.serverapp import Grid, ServerApp
 
     from server.federator import run_federation
     from server.options import EventKind, JobOutcome, JobStatus, ProgressEvent
+    from simulations.engine import JobGrid
 
     nodes, federation = fedbrain_noop_nodes(n, p, workdir)
     job = fedbrain_job(secure=secure, n=m, p=p, rounds=rounds)
@@ -532,13 +622,28 @@ def fedbrain_run(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         _MAIN_STARTED.append(time.perf_counter())
+        pull = grid.pull_messages
+
+        def timed_pull(message_ids: Iterable[str]) -> Iterable[Message]:
+            replies = list(pull(message_ids))
+            if replies and not _FIRST_REPLY:
+                _FIRST_REPLY.append(time.perf_counter())
+            return replies
+
+        grid.pull_messages = timed_pull  # type: ignore[method-assign]
+        grid = JobGrid(grid, None, run_id=grid.run.run_id)  # as in simulations.engine
         outcomes.append(run_federation(grid, job, options, progress=progress))
 
     client_app = make_client_app(nodes)
     k, t = neighbours_and_threshold(m)
     label = f"fedbrain SecAgg+ (k = {k}, t = {t})" if secure else "fedbrain plain (no SecAgg)"
-    timing = simulate(
-        RunTiming(label, "fedbrain", secure), server_app, client_app, n, rounds, verbose
+    timing = simulate(  # with fedbrain's engine's message dispatcher (simulations.dispatch)
+        RunTiming(label, "fedbrain", secure, fast_dispatch=True, evaluates=True),
+        server_app,
+        client_app,
+        n,
+        rounds,
+        verbose,
     )
     if not timing.error and outcomes and outcomes[-1].status == JobStatus.FAILED:
         timing.error = "job failed: " + "; ".join(outcomes[-1].reasons)
@@ -576,32 +681,43 @@ def command_line() -> str:
 def print_table(runs: list[RunTiming]) -> None:
     print(
         "| implementation | rounds | mean round 2..R (s) | per round (s) "
-        "| total run_simulation (s) | vs same framework's plain round "
-        "| fedbrain / Flower SecAgg+ | before round 1 (s) | peak RSS (GiB) "
-        "| max abs(aggregate - input) |"
+        "| fit collection, mean 2..R (s) | total run_simulation (s) "
+        "| vs same framework's plain round | before round 1 (s) | of which to the first reply "
+        "(s) | peak RSS (GiB) | max abs(aggregate - input) |"
     )
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    plain = {r.family: r.steady_seconds for r in runs if not r.secure and not r.error}
-    flower_secure = next(
-        (r.steady_seconds for r in runs if r.family == "Flower" and r.secure and not r.error),
-        math.nan,
-    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    ok = [r for r in runs if not r.error]
+    plain = {
+        (r.family, r.fast_dispatch): r.steady_seconds
+        for r in ok
+        if not r.secure and (r.family == "fedbrain" or not r.evaluates)
+    }
     for r in runs:
         if r.error:
-            print(f"| {r.label} | | | error: {r.error} | {r.total_seconds:.1f} | | | | | |")
+            print(f"| {r.label} | | | error: {r.error} | | {r.total_seconds:.1f} | | | | | |")
             continue
         per = ", ".join(f"{s:.2f}" for s in r.round_seconds)
-        vs_plain = f"{r.steady_seconds / plain[r.family]:.2f}x" if r.family in plain else ""
-        vs_flower = (
-            f"{r.steady_seconds / flower_secure:.2f}x"
-            if r.family == "fedbrain" and r.secure and not math.isnan(flower_secure)
-            else ""
-        )
+        own_plain = plain.get((r.family, r.fast_dispatch))
+        vs_plain = f"{r.steady_seconds / own_plain:.2f}x" if own_plain else ""
         print(
             f"| {r.label} | {len(r.round_seconds)} | {r.steady_seconds:.3f} | {per} | "
-            f"{r.total_seconds:.1f} | {vs_plain} | {vs_flower} | {r.before_first_round:.1f} | "
-            f"{r.peak_rss_gib:.2f} | {r.max_error:.1e} |"
+            f"{r.fit_seconds:.3f} | {r.total_seconds:.1f} | {vs_plain} | "
+            f"{r.before_first_round:.1f} | {r.first_reply:.1f} | {r.peak_rss_gib:.2f} | "
+            f"{r.max_error:.1e} |"
         )
+    print(
+        "\nfedbrain against each Flower row of the same kind (secure / plain): the whole round, "
+        "and the fit collection alone (Flower's training round; fedbrain's fit stages)\n"
+    )
+    print("| fedbrain row | Flower row | round ratio | fit-collection ratio |")
+    print("|---|---|---:|---:|")
+    for mine in (r for r in ok if r.family == "fedbrain"):
+        for theirs in (r for r in ok if r.family == "Flower" and r.secure == mine.secure):
+            print(
+                f"| {mine.label} | {theirs.label} | "
+                f"{mine.steady_seconds / theirs.steady_seconds:.2f}x | "
+                f"{mine.fit_seconds / theirs.fit_seconds:.2f}x |"
+            )
     for r in runs:
         if r.stage_seconds and not r.error:
             print(f"\n{r.label}, stages (s, mean of rounds 2..R): {r.stage_means()}")
@@ -616,6 +732,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="R; the mean is over 2..R")
     parser.add_argument("--quick", action="store_true", help="N = 5, P = 1e4, 2 rounds")
     parser.add_argument("--verbose", action="store_true", help="Flower's and Ray's logs")
+    parser.add_argument(
+        "--same-dispatcher",
+        action="store_true",
+        help="also run Flower's two rows in an engine with fedbrain's message dispatcher",
+    )
     args = parser.parse_args()
     n, p, rounds = args.nodes, int(args.params), args.rounds
     if args.quick:
@@ -646,7 +767,11 @@ def main() -> None:
     runs: list[RunTiming] = []
     if args.only in ("all", "flower"):
         runs.append(flower_plain_run(n, m, p, rounds, args.verbose))
+        runs.append(flower_plain_run(n, m, p, rounds, args.verbose, evaluate=True))
         runs.append(flower_secagg_run(n, m, p, rounds, args.verbose))
+        if args.same_dispatcher:
+            runs.append(flower_plain_run(n, m, p, rounds, args.verbose, fast=True))
+            runs.append(flower_secagg_run(n, m, p, rounds, args.verbose, fast=True))
     if args.only in ("all", "fedbrain"):
         with tempfile.TemporaryDirectory(prefix="bench_rounds_") as tmp:
             try:
