@@ -221,6 +221,7 @@ def backend_config() -> BackendConfig:
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
+            "address": "local",  # a fresh Ray here, as fedbrain's engine starts it
             "num_cpus": cores,
             "num_gpus": 0,
             "logging_level": "ERROR",

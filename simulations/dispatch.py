@@ -135,11 +135,21 @@ def paced_send_and_receive(
 
 @contextmanager
 def fast_dispatch() -> Iterator[None]:
-    """Run the Simulation Engine started inside this block with :func:`dispatch_messages`."""
+    """Run the Simulation Engine started inside this block with :func:`dispatch_messages`
+    and batched actor calls (:mod:`simulations.batching`)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from simulations import batching
+
     with _PATCH_LOCK:
+        flower = raybackend.RayBackend
         vce_api.add_messages_to_queue = dispatch_messages
+        vce_api.worker = batching.batch_worker
+        raybackend.RayBackend = batching.BatchingRayBackend  # type: ignore[misc]
     try:
         yield
     finally:
         with _PATCH_LOCK:
             vce_api.add_messages_to_queue = _FLOWER_DISPATCH
+            vce_api.worker = batching.FLOWER_WORKER
+            raybackend.RayBackend = flower  # type: ignore[misc]
