@@ -11,9 +11,9 @@ them in one call to :class:`BatchActor`, which runs the same ClientApp on each i
 What stays as in Flower's engine: each message is answered by the ClientApp with its node's
 ``Context``, the updated context is stored back, a reply gets a fresh message id, an
 exception raised by the ClientApp becomes that message's error reply (the same code and
-reason format), and a failed call (a dead actor) makes an error reply for each of its
-messages instead of stopping the engine. Two messages for the same node in one batch share
-one ``Context`` object (pickling keeps the identity), so the second sees the first's state.
+reason format), a failed call (a dead actor) makes an error reply for each of its messages
+instead of stopping the engine, and each message arrives with its own copies of everything
+(:class:`Batch`). Two messages for the same node in one batch see one context, in order.
 
 :func:`simulations.dispatch.fast_dispatch` installs :class:`BatchingRayBackend` and
 :func:`batch_worker` for one ``run_simulation``.
@@ -22,13 +22,15 @@ one ``Context`` object (pickling keeps the identity), so the second sees the fir
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from logging import ERROR
 from queue import Empty, Queue
 from threading import Event
-from typing import Any, Final
+from typing import Any, Final, cast
 from uuid import uuid4
 
 import ray
@@ -46,10 +48,12 @@ from flwr.supercore import log
 __all__ = [
     "FLOWER_WORKER",
     "MAX_BATCH",
+    "Batch",
     "BatchActor",
     "BatchingRayBackend",
     "batch_size",
     "batch_worker",
+    "run_batch",
 ]
 
 MAX_BATCH: Final = 16
@@ -65,21 +69,62 @@ def _exception_reason(error: BaseException) -> str:
     return str(type(error)) + ":<'" + str(error) + "'>"
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Messages and their nodes' contexts, each pickled on its own.
+
+    One Ray call pickles its arguments together, and pickling keeps shared objects shared:
+    two messages built from one record would arrive holding the same record, and a ClientApp
+    that changes its message's content (Flower's ``secaggplus_mod`` pops the stage from its
+    config record) would change the other's. Flower's engine pickles each message in its own
+    call, so each arrives with its own copies; so does each message and each node's context
+    here. ``slots[i]`` is the context of ``messages[i]``: a node with two messages in the
+    batch has one context, which sees both in order."""
+
+    messages: tuple[bytes, ...]
+    contexts: tuple[bytes, ...]
+    slots: tuple[int, ...]
+
+    @classmethod
+    def of(cls, messages: Sequence[Message], contexts: Sequence[Context]) -> Batch:
+        if len(messages) != len(contexts):
+            raise ValueError(f"{len(messages)} messages for {len(contexts)} contexts.")
+        slot_of: dict[int, int] = {}
+        pickled: list[bytes] = []
+        slots: list[int] = []
+        for context in contexts:
+            if id(context) not in slot_of:
+                slot_of[id(context)] = len(pickled)
+                pickled.append(pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
+            slots.append(slot_of[id(context)])
+        return cls(
+            tuple(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL) for m in messages),
+            tuple(pickled),
+            tuple(slots),
+        )
+
+
+def run_batch(app: ClientApp, batch: Batch) -> tuple[list[_Answer], list[Context]]:
+    """Each message of ``batch`` through ``app`` with its node's context, in order; the
+    answers, and the contexts (one per node) as the messages left them."""
+    # The engine's own bytes, pickled by the driver a moment ago (what Ray would send).
+    contexts: list[Context] = [pickle.loads(blob) for blob in batch.contexts]  # noqa: S301
+    answers: list[_Answer] = []
+    for blob, slot in zip(batch.messages, batch.slots, strict=True):
+        message: Message = pickle.loads(blob)  # noqa: S301
+        try:
+            answers.append((app(message=message, context=contexts[slot]), None))
+        except Exception as error:  # one message's failure is its own error reply
+            answers.append((None, _exception_reason(error)))
+    return answers, contexts
+
+
 class _BatchActorBase(VirtualClientEngineActor):
     def run_batch(
-        self,
-        client_app_fn: Callable[[], ClientApp],
-        messages: Sequence[Message],
-        contexts: Sequence[Context],
-    ) -> tuple[str, list[_Answer], Sequence[Context]]:
-        """Each message through the ClientApp with its context, in order."""
-        app = client_app_fn()
-        answers: list[_Answer] = []
-        for message, context in zip(messages, contexts, strict=True):
-            try:
-                answers.append((app(message=message, context=context), None))
-            except Exception as error:  # one message's failure is its own error reply
-                answers.append((None, _exception_reason(error)))
+        self, client_app_fn: Callable[[], ClientApp], batch: Batch
+    ) -> tuple[str, list[_Answer], list[Context]]:
+        """:func:`run_batch` with the engine's ClientApp."""
+        answers, contexts = run_batch(client_app_fn(), batch)
         return "", answers, contexts
 
 
@@ -127,18 +172,20 @@ class BatchingRayBackend(RayBackend):
         """Run ``messages`` on one idle actor; the answers and the updated contexts."""
         if self.pool is None or self.app_fn is None:
             raise ValueError("The backend is not built: call build() first.")
+        batch = Batch.of(messages, contexts)
         future: Any = None
         try:
             future = self.pool.submit(
-                lambda actor, fn, batch, _cid, states: actor.run_batch.remote(fn, batch, states),
-                (self.app_fn, messages, "", contexts),  # type: ignore[arg-type]
+                lambda actor, fn, work, _cid, _context: actor.run_batch.remote(fn, work),
+                (self.app_fn, batch, "", None),  # type: ignore[arg-type]
             )
             answers, updated = self.pool.fetch_result_and_return_actor_to_pool(future)
         except Exception:
             if future is not None:
                 self.pool.add_actor_back_to_pool(future)
             raise
-        return answers, updated  # type: ignore[return-value]
+        per_node = cast(list[Context], updated)
+        return cast(list[_Answer], answers), [per_node[slot] for slot in batch.slots]
 
 
 def batch_size(waiting: int, workers: int) -> int:

@@ -17,7 +17,8 @@ def _app() -> ClientApp:
 
     @app.query("count")
     def count(message: Message, context: Context) -> Message:
-        if message.content.config_records["ask"]["fail"]:
+        ask = message.content.config_records["ask"]
+        if ask.pop("fail"):  # changes the message's own record (as secaggplus_mod does)
             raise RuntimeError("this node refuses")
         seen = context.state.config_records.get("seen", ConfigRecord({"n": 0}))
         count = seen["n"]
@@ -29,9 +30,9 @@ def _app() -> ClientApp:
     return app
 
 
-def _message(node: int, *, fail: bool = False) -> Message:
+def _message(node: int, *, fail: bool = False, content: RecordDict | None = None) -> Message:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 5, SUPERLINK_NODE_ID
-    content = RecordDict({"ask": ConfigRecord({"fail": fail})})
+    content = content or RecordDict({"ask": ConfigRecord({"fail": fail})})
     message = Message(content, dst_node_id=node, message_type="query.count")
     message.metadata.__dict__["_message_id"] = f"m-{node}-{fail}-{id(message)}"
     return message
@@ -41,12 +42,21 @@ def _context(node: int) -> Context:
     return Context(run_id=5, node_id=node, node_config={}, state=RecordDict(), run_config={})
 
 
-def test_each_message_gets_its_own_answer_and_a_failure_stays_its_own() -> None:
+def test_each_message_gets_its_own_answer_copies_and_a_failure_stays_its_own() -> None:
     app = _app()
     shared = _context(10)
-    messages = [_message(10), _message(11, fail=True), _message(10), _message(12)]
+    one_record = RecordDict({"ask": ConfigRecord({"fail": False})})  # the server's, shared
+    messages = [
+        _message(10, content=one_record),
+        _message(11, fail=True),
+        _message(10, content=one_record),
+        _message(12, content=one_record),
+    ]
     contexts = [shared, _context(11), shared, _context(12)]
-    _, answers, updated = batching._BatchActorBase().run_batch(lambda: app, messages, contexts)
+    batch = batching.Batch.of(messages, contexts)
+    assert batch.slots == (0, 1, 0, 2)
+    answers, per_node = batching.run_batch(app, batch)
+    updated = [per_node[slot] for slot in batch.slots]
     replies = [reply for reply, _ in answers]
     reason = answers[1][1]
     assert answers[1][0] is None and reason is not None and "this node refuses" in reason
@@ -57,6 +67,7 @@ def test_each_message_gets_its_own_answer_and_a_failure_stays_its_own() -> None:
     assert first.metadata.reply_to_message_id == messages[0].metadata.message_id
     assert updated[0] is updated[2]  # one context object for the node's two messages
     assert updated[0].state.config_records["seen"]["n"] == 2
+    assert one_record["ask"]["fail"] is False  # each message changed only its own copy
 
 
 def test_a_worker_takes_its_share_of_the_waiting_messages_at_most_a_full_batch() -> None:
