@@ -241,21 +241,17 @@ def _process(
 ) -> list[Message]:
     started = time.perf_counter()
     try:
-        shared: dict[tuple[int, int], Context] = {}
-        for message in batch:
-            key = (message.metadata.dst_node_id, message.metadata.run_id)
-            if key not in shared:
-                shared[key] = node_info_store[key[0]].retrieve_context(run_id=key[1])
+        # A node's store hands out the same Context object each time: two messages of one
+        # node in the batch carry one context (Batch.of keeps it one), and the state stored
+        # back for it is the one its last message left.
         contexts = [
-            shared[(m.metadata.dst_node_id, m.metadata.run_id)] for m in batch
-        ]  # one object per node: its messages see each other's state
+            node_info_store[m.metadata.dst_node_id].retrieve_context(run_id=m.metadata.run_id)
+            for m in batch
+        ]
         answers, updated = backend.process_batch(batch, contexts)
-        stored: set[tuple[int, int]] = set()
         for message, context in zip(batch, updated, strict=True):
-            key = (message.metadata.dst_node_id, message.metadata.run_id)
-            if key not in stored:  # the last state: the batch holds one object per node
-                node_info_store[key[0]].update_context(key[1], context=context)
-                stored.add(key)
+            store = node_info_store[message.metadata.dst_node_id]
+            store.update_context(message.metadata.run_id, context=context)
         replies = []
         for message, (reply, reason) in zip(batch, answers, strict=True):
             if reply is None:
